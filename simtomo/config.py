@@ -40,6 +40,7 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "describe_parameters",
+    "config_to_toml",
 ]
 
 
@@ -422,3 +423,23 @@ def describe_parameters() -> str:
             unit = f" [{f.metadata['unit']}]" if f.metadata.get("unit") else ""
             lines.append(f"  {section}.{f.name} = {default!r}{unit}  {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def config_to_toml(config: SimulationConfig) -> str:
+    """The configuration as TOML that :func:`load_config` reads back to an equal configuration."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    data = config_to_dict(config)
+    lines = [f"name = {value(data.pop('name'))}"]
+    for section, values in data.items():
+        lines.append(f"\n[{section}]")
+        lines.extend(f"{key} = {value(v)}" for key, v in values.items())
+    return "\n".join(lines) + "\n"
