@@ -102,7 +102,9 @@ def expected_counts(
         exponent = _filter(exponent, transfer)
     exponent += gold
     flux = dose_e_per_A2 * (detector.pixel_size_A / mag) ** 2 * np.exp(-ice_path_px * px_nm / optics.ice_mean_free_path_nm)
-    counts = flux * np.exp(-exponent)
+    # in place: at 4096^2 px every temporary is 134 MB of fresh pages
+    counts = np.exp(np.negative(exponent, out=exponent), out=exponent)
+    counts *= flux
     blur = motion_px is not None and np.any(motion_px != 0)
     if blur or detector.mtf_sigma_px > 0:
         kx, ky = frequency_grid(counts.shape)
