@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except SimtomoError as exc:
         print(f"simtomo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permission denied: not a bug, say what and where
+        print(f"simtomo {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"simtomo {args.command}: interrupted", file=sys.stderr)
         return 130

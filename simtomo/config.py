@@ -58,9 +58,23 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, key, "one of " + ", ".join(repr(c) for c in choices), value)
 
 
+class _Section:
+    """Base of the config sections: checks every field against its annotation."""
+
+    _name = ""
+
+    def _check_types(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            value = _coerce(getattr(self, f.name), hints[f.name], f"{self._name}.{f.name}")
+            object.__setattr__(self, f.name, value)
+
+
 @dataclass(frozen=True)
-class TiltConfig:
+class TiltConfig(_Section):
     """Tilt scheme and electron dose."""
+
+    _name = "tilt"
 
     scheme: str = param("dose-symmetric", "", "unidirectional | bidirectional | dose-symmetric")
     min_deg: float = param(-60.0, "deg", "lowest nominal tilt angle")
@@ -73,6 +87,7 @@ class TiltConfig:
     dose_weighting: str = param("constant", "", "constant | cos (dose per view proportional to 1/cos(tilt))")
 
     def __post_init__(self) -> None:
+        self._check_types()
         _choice("tilt.scheme", self.scheme, ("unidirectional", "bidirectional", "dose-symmetric"))
         _choice("tilt.first_branch", self.first_branch, ("positive", "negative"))
         _choice("tilt.dose_weighting", self.dose_weighting, ("constant", "cos"))
@@ -89,12 +104,26 @@ class TiltConfig:
                 self.start_deg,
             )
         _require(self.group_size >= 1, "tilt.group_size", "at least 1", self.group_size)
-        _require(self.total_dose_e_per_A2 >= 0, "tilt.total_dose_e_per_A2", "a dose >= 0", self.total_dose_e_per_A2)
+        n_views = math.floor((self.max_deg - self.min_deg) / self.step_deg + 1e-6) + 1
+        _require(
+            n_views >= 2,
+            "tilt.step_deg",
+            f"a step giving at least 2 views from tilt.min_deg {self.min_deg} to tilt.max_deg {self.max_deg}",
+            self.step_deg,
+        )
+        _require(
+            0 < self.total_dose_e_per_A2 <= 1e6,
+            "tilt.total_dose_e_per_A2",
+            "a dose > 0 and <= 1e6",
+            self.total_dose_e_per_A2,
+        )
 
 
 @dataclass(frozen=True)
-class DetectorConfig:
+class DetectorConfig(_Section):
     """Detector size, sampling and noise."""
+
+    _name = "detector"
 
     image_shape: tuple[int, int] = param((1024, 1024), "px", "view size (height, width)")
     pixel_size_A: float = param(8.0, "Å", "pixel size at the specimen")
@@ -103,6 +132,7 @@ class DetectorConfig:
     mtf_sigma_px: float = param(0.0, "px", "detector point-spread: Gaussian sigma (0 = ideal)")
 
     def __post_init__(self) -> None:
+        self._check_types()
         _require(
             len(self.image_shape) == 2 and all(int(v) >= 8 for v in self.image_shape),
             "detector.image_shape",
@@ -115,8 +145,10 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True)
-class OpticsConfig:
+class OpticsConfig(_Section):
     """Contrast transfer and attenuation."""
+
+    _name = "optics"
 
     ctf: bool = param(False, "", "apply the phase contrast transfer function to specimen content")
     voltage_kV: float = param(300.0, "kV", "acceleration voltage")
@@ -126,6 +158,7 @@ class OpticsConfig:
     ice_mean_free_path_nm: float = param(350.0, "nm", "inelastic mean free path; ice attenuates as exp(-path/mfp)")
 
     def __post_init__(self) -> None:
+        self._check_types()
         _require(self.voltage_kV > 0, "optics.voltage_kV", "a positive voltage", self.voltage_kV)
         _require(self.cs_mm >= 0, "optics.cs_mm", "a value >= 0", self.cs_mm)
         _require(0 <= self.amplitude_contrast < 1, "optics.amplitude_contrast", "a fraction in [0, 1)", self.amplitude_contrast)
@@ -133,8 +166,10 @@ class OpticsConfig:
 
 
 @dataclass(frozen=True)
-class SpecimenConfig:
+class SpecimenConfig(_Section):
     """The ice slab and the contrast of its content."""
+
+    _name = "specimen"
 
     thickness_nm: float = param(200.0, "nm", "ice slab thickness")
     slab_tilt_x_deg: float = param(0.0, "deg", "tilt of the slab about the x axis")
@@ -143,6 +178,7 @@ class SpecimenConfig:
     phantom_mrc: str = param("", "", "MRC volume used as cellular content instead of the analytic content")
 
     def __post_init__(self) -> None:
+        self._check_types()
         _require(self.thickness_nm > 0, "specimen.thickness_nm", "a positive thickness", self.thickness_nm)
         for key in ("slab_tilt_x_deg", "slab_tilt_y_deg"):
             v = getattr(self, key)
@@ -151,16 +187,19 @@ class SpecimenConfig:
 
 
 @dataclass(frozen=True)
-class BeadConfig:
+class BeadConfig(_Section):
     """Gold fiducial beads."""
+
+    _name = "beads"
 
     count: int = param(25, "", "number of beads in the field of view")
     diameter_nm: float = param(10.0, "nm", "bead diameter")
     placement: str = param("surfaces", "", "surfaces | top | bottom | throughout")
     min_spacing_nm: float = param(40.0, "nm", "smallest lateral distance between bead centres")
-    attenuation_per_nm: float = param(0.05, "1/nm", "amplitude attenuation of gold per nm of path")
+    attenuation_per_nm: float = param(0.15, "1/nm", "gold attenuation: intensity falls as exp(-value * path)")
 
     def __post_init__(self) -> None:
+        self._check_types()
         _require(self.count >= 0, "beads.count", "a count >= 0", self.count)
         _require(self.diameter_nm > 0, "beads.diameter_nm", "a positive diameter", self.diameter_nm)
         _choice("beads.placement", self.placement, ("surfaces", "top", "bottom", "throughout"))
@@ -169,8 +208,10 @@ class BeadConfig:
 
 
 @dataclass(frozen=True)
-class ContentConfig:
+class ContentConfig(_Section):
     """Cellular content, per field of view (scaled to the larger region that high tilts see)."""
+
+    _name = "content"
 
     vesicles: int = param(6, "", "membrane vesicles (bilayer shells)")
     vesicle_radius_nm: tuple[float, float] = param((20.0, 80.0), "nm", "range of vesicle radii")
@@ -183,6 +224,7 @@ class ContentConfig:
     protein_radius_nm: tuple[float, float] = param((2.0, 6.0), "nm", "range of protein radii")
 
     def __post_init__(self) -> None:
+        self._check_types()
         for key in ("vesicles", "actin_filaments", "microtubules", "proteins"):
             _require(getattr(self, key) >= 0, f"content.{key}", "a count >= 0", getattr(self, key))
         for key in ("vesicle_radius_nm", "filament_length_nm", "protein_radius_nm"):
@@ -193,8 +235,10 @@ class ContentConfig:
 
 
 @dataclass(frozen=True)
-class MisalignmentConfig:
+class MisalignmentConfig(_Section):
     """Geometry errors of the acquisition: what the aligners must recover."""
+
+    _name = "misalignment"
 
     initial_offset_nm: float = param(40.0, "nm", "sd per axis of the stage offset of the first acquired view")
     shift_walk_nm: float = param(12.0, "nm", "sd per axis of the random-walk step between successive acquisitions")
@@ -208,6 +252,7 @@ class MisalignmentConfig:
     motion_blur_nm: float = param(0.0, "nm", "RMS length of linear specimen drift during each exposure")
 
     def __post_init__(self) -> None:
+        self._check_types()
         for key in ("initial_offset_nm", "shift_walk_nm", "backlash_nm", "rot_drift_deg", "mag_drift", "tilt_jitter_deg", "motion_blur_nm"):
             _require(getattr(self, key) >= 0, f"misalignment.{key}", "a value >= 0", getattr(self, key))
         _require(self.mag_drift < 0.2, "misalignment.mag_drift", "a relative drift below 0.2", self.mag_drift)
@@ -228,6 +273,24 @@ class SimulationConfig:
     misalignment: MisalignmentConfig = field(default_factory=MisalignmentConfig)
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.name, str), "name", "a string", self.name)
+        for f in fields(self):
+            if f.name != "name" and not isinstance(getattr(self, f.name), f.default_factory().__class__):
+                raise ConfigError(f"{f.name}: expected a {f.default_factory().__class__.__name__}, got {getattr(self, f.name)!r}")
+        thickness = self.specimen.thickness_nm
+        if self.beads.count > 0:
+            _require(
+                self.beads.diameter_nm <= thickness,
+                "beads.diameter_nm",
+                f"beads no larger than the ice (specimen.thickness_nm = {thickness})",
+                self.beads.diameter_nm,
+            )
+        _require(
+            2 * self.content.protein_radius_nm[1] <= thickness,
+            "content.protein_radius_nm",
+            f"proteins no larger than the ice (specimen.thickness_nm = {thickness})",
+            self.content.protein_radius_nm,
+        )
         true_tilts = (
             self.tilt.min_deg + self.misalignment.tilt_offset_deg - 4 * self.misalignment.tilt_jitter_deg,
             self.tilt.max_deg + self.misalignment.tilt_offset_deg + 4 * self.misalignment.tilt_jitter_deg,
@@ -241,8 +304,6 @@ class SimulationConfig:
 
 
 SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(SimulationConfig) if f.name != "name")
-
-_nm = 0.8  # nm per px of `standard`, to state its px equivalents below
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # standard: 61 views, dose-symmetric, 1024 px at 8 Å, 200 nm slab, 25 beads of
@@ -331,15 +392,12 @@ def apply_overrides(config: SimulationConfig, overrides: dict[str, Any], *, sour
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: [{section}] must be a table of fields, got {values!r}")
         current = getattr(config, section)
-        hints = get_type_hints(type(current))
         names = [f.name for f in fields(current)]
-        sub: dict[str, Any] = {}
-        for key, value in values.items():
+        for key in values:
             if key not in names:
                 raise ConfigError(f"{source}: unknown key {section}.{key}" + _suggest(key, names))
-            sub[key] = _coerce(value, hints[key], f"{source}: {section}.{key}")
         try:
-            changes[section] = dataclasses.replace(current, **sub)
+            changes[section] = dataclasses.replace(current, **values)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
     try:
@@ -383,6 +441,10 @@ def load_config(
             raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        phantom = file_overrides.get("specimen", {}).get("phantom_mrc") if isinstance(file_overrides.get("specimen"), dict) else None
+        if isinstance(phantom, str) and phantom and not Path(phantom).is_absolute():
+            # a path in a config file is relative to that file, not to where simtomo runs
+            file_overrides["specimen"]["phantom_mrc"] = str(path.parent / phantom)
         file_preset = file_overrides.pop("preset", None)
         if preset_name is None and file_preset is not None:
             preset_name = _coerce(file_preset, str, f"{path}: preset")

@@ -4,15 +4,16 @@ Stage shifts, in-plane rotation and magnification drift evolve in the order
 the views were acquired (a goniometer drifts in time, not in tilt angle) and
 are then stored in the stack's order, sorted by nominal tilt (DESIGN.md
 section 3). The stage model is a random walk with backlash: each reversal of
-the tilt direction makes the stage jump by a fixed amount along one direction
-per series, the sign following the new direction of travel.
+the tilt direction makes the image jump by a fixed amount perpendicular to the
+mean tilt axis (the slack is in the tilt mechanism), with one random sign per
+series, the sign of each jump following the new direction of travel.
 
 Draw order of :func:`simulate_misalignment` (fixed, so a seed reproduces a
 series and changing one magnitude does not reshuffle the others; every draw is
 made even when its magnitude is 0):
 
-1. stage shifts, :func:`stage_shifts_px`: backlash direction (1 uniform),
-   initial offset (2 normals), walk steps ((n - 1) x 2 normals);
+1. stage shifts, :func:`stage_shifts_px`: backlash sign (1 uniform on
+   [0, 1)), initial offset (2 normals), walk steps ((n - 1) x 2 normals);
 2. rotation drift, :func:`smooth_drift` (n normals);
 3. magnification drift, :func:`smooth_drift` (n normals);
 4. tilt jitter (n normals, acquisition order);
@@ -97,6 +98,7 @@ def stage_shifts_px(
     initial_offset_px: float,
     walk_px: float,
     backlash_px: float,
+    tilt_axis_deg: float,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Image shifts from stage drift and backlash, in acquisition order.
@@ -104,13 +106,19 @@ def stage_shifts_px(
     ``shift_0 ~ N(0, initial_offset_px)`` per axis; for ``k >= 1``,
     ``shift_k = shift_(k-1) + N(0, walk_px)`` per axis, plus at a reversal of
     tilt direction (:func:`direction_reversals`) a jump
-    ``backlash_px * u * d_k``. ``u`` is one random unit vector per series and
-    ``d_k = sign(theta_k - theta_(k-1))`` the new direction: the gear slack
-    makes the position lag in the direction of travel, so successive jumps
-    alternate in sign.
+    ``backlash_px * u * d_k``, with ``d_k = sign(theta_k - theta_(k-1))`` the
+    new direction: the gear slack makes the position lag in the direction of
+    travel, so successive jumps alternate in sign.
 
-    Draws, in this order: the angle of ``u`` (1 uniform on [0, 2 pi)), the
-    initial offset (2 normals), the walk steps ((n - 1) x 2 normals).
+    The slack is in the tilt mechanism, so the image jumps perpendicular to the
+    tilt axis: ``u = s * R(phi) @ (1, 0) = s * (cos phi, sin phi)`` with
+    ``phi = tilt_axis_deg`` and ``R(phi) = [[cos, -sin], [sin, cos]]`` as in
+    DESIGN.md section 3, where the axis appears along ``R(phi) @ (0, 1)``.
+    ``s`` is one random sign per series: ``+1`` when the uniform draw is
+    ``< 0.5``, else ``-1``.
+
+    Draws, in this order: the sign ``s`` (1 uniform on [0, 1)), the initial
+    offset (2 normals), the walk steps ((n - 1) x 2 normals).
 
     Parameters
     ----------
@@ -122,6 +130,9 @@ def stage_shifts_px(
         Standard deviation per axis of each random-walk step, px, >= 0.
     backlash_px : float
         Length of the jump at each direction reversal, px, >= 0.
+    tilt_axis_deg : float
+        In-plane angle ``phi`` of the (mean) tilt axis, degrees, counter-clockwise
+        from the image y axis; the jumps lie along ``R(phi) @ (1, 0)``.
     rng : numpy.random.Generator
         Source of all random draws.
 
@@ -134,10 +145,13 @@ def stage_shifts_px(
     initial_offset_px = _nonnegative("initial_offset_px", initial_offset_px)
     walk_px = _nonnegative("walk_px", walk_px)
     backlash_px = _nonnegative("backlash_px", backlash_px)
+    if not np.isfinite(tilt_axis_deg):
+        raise ConfigError(f"tilt_axis_deg: expected a finite angle, got {tilt_axis_deg!r}")
+    phi = np.deg2rad(float(tilt_axis_deg))
     n = tilt.size
 
-    angle = rng.uniform(0.0, 2.0 * np.pi)
-    u = np.array([np.cos(angle), np.sin(angle)])
+    sign = 1.0 if rng.random() < 0.5 else -1.0
+    u = sign * np.array([np.cos(phi), np.sin(phi)])  # R(phi) @ (1, 0): perpendicular to the axis
     offset = initial_offset_px * rng.standard_normal(2)
     walk = walk_px * rng.standard_normal((n - 1, 2))
 
@@ -223,7 +237,8 @@ def simulate_misalignment(
     quantities evolve in acquisition order and are then stored by nominal tilt:
 
     - shift: :func:`stage_shifts_px` with ``initial_offset_nm``,
-      ``shift_walk_nm``, ``backlash_nm``;
+      ``shift_walk_nm``, ``backlash_nm`` and ``tilt_axis_deg`` (backlash
+      jumps perpendicular to the mean tilt axis);
     - ``rot_deg = tilt_axis_deg + smooth_drift(rms=rot_drift_deg)``;
     - ``mag = 1 + smooth_drift(rms=mag_drift)``;
     - ``tilt_deg = nominal + tilt_offset_deg + N(0, tilt_jitter_deg)``;
@@ -267,6 +282,7 @@ def simulate_misalignment(
         initial_offset_px=cfg.initial_offset_nm * px_per_nm,
         walk_px=cfg.shift_walk_nm * px_per_nm,
         backlash_px=cfg.backlash_nm * px_per_nm,
+        tilt_axis_deg=cfg.tilt_axis_deg,
         rng=rng,
     )
     rot_acq = cfg.tilt_axis_deg + smooth_drift(n, cfg.rot_drift_deg, rng)

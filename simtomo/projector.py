@@ -238,7 +238,7 @@ def project_voxels(phantom: VoxelPhantom, geometry: Geometry, view: int, *, out:
     aligned frame, sampled every voxel), then mapped into the view with the
     in-plane transform by cubic-spline interpolation.
     """
-    vol = np.ascontiguousarray(phantom.volume, dtype=np.float64)
+    vol = phantom.volume  # float32, contiguous: converted once, not per view
     nz, ny, nx = vol.shape
     theta = math.radians(float(geometry.tilt_deg[view]))
     n_u = int(math.ceil(abs(math.cos(theta)) * nx + abs(math.sin(theta)) * nz)) + 3

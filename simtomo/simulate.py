@@ -11,9 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,7 +25,7 @@ import numpy as np
 
 import simtomo
 from simtomo.config import SimulationConfig, config_to_dict, config_to_toml, preset
-from simtomo.errors import ConfigError
+from simtomo.errors import ConfigError, FileFormatError
 from simtomo.geometry import Geometry
 from simtomo.imaging import add_noise, ctf, expected_counts
 from simtomo.io import StackWriter, Truth, read_stack, read_volume, write_rawtlt, write_stack, write_truth, write_volume
@@ -72,9 +75,15 @@ class TiltSeries:
         return self.specimen.bead_centers_px
 
     def observation(self) -> Observation:
-        """The images and microscope metadata an aligner may use (no ground truth)."""
+        """The images and microscope metadata an aligner may use (no ground truth).
+
+        The stack is a read-only view: an aligner cannot alter the images that
+        scoring later reconstructs.
+        """
+        stack = np.asarray(self.stack).view()
+        stack.flags.writeable = False
         return Observation(
-            stack=self.stack,
+            stack=stack,
             tilt_deg=self.scheme.tilt_deg,
             pixel_size_A=self.config.detector.pixel_size_A,
             acquisition_order=self.scheme.acquisition_order,
@@ -104,34 +113,58 @@ class TiltSeries:
 
     def write(self, out_dir: str | Path, name: str | None = None, *, phantom_bin: int | None = None) -> dict[str, Path]:
         """Write ``NAME.mrc``, ``NAME.rawtlt``, ``NAME.truth.json``, ``NAME.config.toml``
-        (and ``NAME.phantom.mrc`` when ``phantom_bin`` is given) to ``out_dir``."""
-        paths = _paths(out_dir, name or self.config.name)
-        write_stack(paths["stack"], self.stack, self.config.detector.pixel_size_A)
-        return _write_metadata(self, paths, phantom_bin)
+        (and ``NAME.phantom.mrc`` when ``phantom_bin`` is given) to ``out_dir``.
+
+        Files are written to a staging folder and moved into place together, so
+        a failure leaves any earlier files of the same name as they were.
+        """
+        _check_phantom_bin(phantom_bin)
+        with _staged(out_dir, name or self.config.name) as (staging, final):
+            write_stack(staging["stack"], self.stack, self.config.detector.pixel_size_A)
+            _write_metadata(self, staging, phantom_bin)
+        return final
 
 
-def _paths(out_dir: str | Path, name: str) -> dict[str, Path]:
+_SUFFIXES = {"stack": ".mrc", "rawtlt": ".rawtlt", "truth": ".truth.json", "config": ".config.toml", "phantom": ".phantom.mrc"}
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"output name: expected a plain file name (no path, not starting with '.'), got {name!r}")
+    return name
+
+
+def _check_phantom_bin(phantom_bin: int | None) -> None:
+    if phantom_bin is not None and (isinstance(phantom_bin, bool) or not isinstance(phantom_bin, (int, np.integer)) or phantom_bin < 1):
+        raise ConfigError(f"phantom binning: expected an integer >= 1, got {phantom_bin!r}")
+
+
+@contextmanager
+def _staged(out_dir: str | Path, name: str):
+    """Yield (staging paths, final paths); on success move what was written into place."""
+    _check_name(name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return {
-        "stack": out / f"{name}.mrc",
-        "rawtlt": out / f"{name}.rawtlt",
-        "truth": out / f"{name}.truth.json",
-        "config": out / f"{name}.config.toml",
-        "phantom": out / f"{name}.phantom.mrc",
-    }
+    staging_dir = Path(tempfile.mkdtemp(prefix=f".{name}.staging-", dir=out))
+    staging = {k: staging_dir / f"{name}{v}" for k, v in _SUFFIXES.items()}
+    final: dict[str, Path] = {}
+    try:
+        yield staging, final
+        for kind, path in staging.items():
+            if path.exists():
+                os.replace(path, out / path.name)
+                final[kind] = out / path.name
+    finally:
+        shutil.rmtree(staging_dir, ignore_errors=True)
 
 
-def _write_metadata(series: TiltSeries, paths: dict[str, Path], phantom_bin: int | None) -> dict[str, Path]:
+def _write_metadata(series: TiltSeries, paths: dict[str, Path], phantom_bin: int | None) -> None:
     write_rawtlt(paths["rawtlt"], series.scheme.tilt_deg)
     write_truth(paths["truth"], series.truth())
     paths["config"].write_text(f"# simtomo {simtomo.__version__}, seed {series.seed}\n" + config_to_toml(series.config))
-    written = {k: v for k, v in paths.items() if k != "phantom"}
     if phantom_bin is not None:
         vol = series.phantom(binning=phantom_bin)
         write_volume(paths["phantom"], vol.astype(np.float32), series.config.detector.pixel_size_A * phantom_bin)
-        written["phantom"] = paths["phantom"]
-    return written
 
 
 def _ordered_map(fn: Callable[[int], np.ndarray], n: int, workers: int):
@@ -153,9 +186,20 @@ def _ordered_map(fn: Callable[[int], np.ndarray], n: int, workers: int):
 
 
 def _load_voxels(cfg: SimulationConfig) -> VoxelPhantom | None:
-    if not cfg.specimen.phantom_mrc:
+    path = cfg.specimen.phantom_mrc
+    if not path:
         return None
-    vol, voxel_A = read_volume(cfg.specimen.phantom_mrc)
+    try:
+        vol, voxel_A = read_volume(path)
+    except FileFormatError as exc:
+        raise FileFormatError(f"specimen.phantom_mrc: {exc}") from None
+    if float(vol.min()) < 0:
+        log.warning(
+            "specimen.phantom_mrc: %s has negative values (min %.3g); simtomo reads it as protein density "
+            "(0 = ice, 1 = protein), so negative voxels brighten the image",
+            path,
+            float(vol.min()),
+        )
     return VoxelPhantom(vol, voxel_size_px=voxel_A / cfg.detector.pixel_size_A)
 
 
@@ -175,7 +219,7 @@ def _prepare(config: SimulationConfig | str, seed: int):
         pixel_size_A=cfg.detector.pixel_size_A,
         rng=np.random.default_rng(geom_seq),
     )
-    specimen = make_specimen(cfg, np.random.default_rng(specimen_seq), scheme.tilt_deg.size, voxels=_load_voxels(cfg))
+    specimen = make_specimen(cfg, specimen_seq, scheme.tilt_deg.size, voxels=_load_voxels(cfg))
     return cfg, scheme, mis, specimen, noise_seq.spawn(scheme.tilt_deg.size)
 
 
@@ -267,15 +311,17 @@ def simulate_to_files(
     Writes the files of :meth:`TiltSeries.write`; the returned series holds the
     stack as a read-only memory map of ``NAME.mrc``.
     """
+    _check_phantom_bin(phantom_bin)
     cfg, scheme, mis, specimen, view_seeds = _prepare(config, seed)
-    paths = _paths(out_dir, name or cfg.name)
-    with StackWriter(paths["stack"], scheme.tilt_deg.size, cfg.detector.image_shape, cfg.detector.pixel_size_A) as writer:
+    with _staged(out_dir, name or cfg.name) as (staging, final):
+        shape = cfg.detector.image_shape
+        with StackWriter(staging["stack"], scheme.tilt_deg.size, shape, cfg.detector.pixel_size_A) as writer:
 
-        def sink(i: int, image: np.ndarray) -> None:
-            writer[i] = image
+            def sink(i: int, image: np.ndarray) -> None:
+                writer[i] = image
 
-        _render_views(cfg, scheme, mis, specimen, view_seeds, sink, workers)
-    stack, _ = read_stack(paths["stack"], mmap=True)
-    series = TiltSeries(stack, mis.geometry, scheme, specimen, mis.motion_px, cfg, int(seed))
-    written = _write_metadata(series, paths, phantom_bin)
-    return series, written
+            _render_views(cfg, scheme, mis, specimen, view_seeds, sink, workers)
+        series = TiltSeries(None, mis.geometry, scheme, specimen, mis.motion_px, cfg, int(seed))
+        _write_metadata(series, staging, phantom_bin)
+    series.stack, _ = read_stack(final["stack"], mmap=True)
+    return series, final

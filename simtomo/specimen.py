@@ -20,6 +20,7 @@ import numpy as np
 
 from simtomo.config import SimulationConfig
 from simtomo.errors import ConfigError
+from simtomo.geometry import rotation_y
 
 __all__ = [
     "solid_spheres",
@@ -151,6 +152,14 @@ class VoxelPhantom:
     volume: np.ndarray
     voxel_size_px: float = 1.0
 
+    def __post_init__(self) -> None:
+        vol = np.ascontiguousarray(self.volume, dtype=np.float32)
+        if vol.ndim != 3 or vol.size == 0:
+            raise ValueError(f"VoxelPhantom.volume: expected a non-empty 3-D array, got shape {vol.shape}")
+        if not self.voxel_size_px > 0:
+            raise ValueError(f"VoxelPhantom.voxel_size_px: expected a positive size, got {self.voxel_size_px}")
+        object.__setattr__(self, "volume", vol)
+
 
 @dataclass(frozen=True)
 class Specimen:
@@ -194,10 +203,9 @@ class Specimen:
 
 
 def _slab_rotation(cfg: SimulationConfig) -> np.ndarray:
-    ax, ay = np.deg2rad(cfg.specimen.slab_tilt_x_deg), np.deg2rad(cfg.specimen.slab_tilt_y_deg)
+    ax = np.deg2rad(cfg.specimen.slab_tilt_x_deg)
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    return ry @ rx
+    return rotation_y(cfg.specimen.slab_tilt_y_deg) @ rx
 
 
 def _stage_excursion_px(cfg: SimulationConfig, n_views: int) -> float:
@@ -225,10 +233,40 @@ def content_region_px(cfg: SimulationConfig, n_views: int) -> tuple[float, float
     return float(half_x), float(rho)
 
 
-def _in_slab(rng: np.random.Generator, k: int, half: tuple[float, float], half_z: np.ndarray) -> np.ndarray:
-    """k uniform points in the slab frame, |z| <= half_z (per point)."""
-    x = rng.uniform(-half[0], half[0], k)
-    y = rng.uniform(-half[1], half[1], k)
+CELL_NM = 200.0
+"""Edge of the square cells of the slab in which content is drawn, nm.
+
+Each cell's content comes from its own random stream keyed by (seed, kind,
+cell), so the specimen depends only on the seed and the content settings: the
+same cells appear whatever the bead count, the misalignment (which sets how
+large a region is drawn) or the pixel size (``large`` images the cells of
+``standard``)."""
+
+_BEADS, _VESICLES, _ACTIN, _MICROTUBULES, _PROTEINS = range(5)
+
+
+def _zigzag(i: int) -> int:
+    """Map an integer to a non-negative one, one to one (0, -1, 1, -2, ... -> 0, 1, 2, 3, ...)."""
+    return 2 * i if i >= 0 else -2 * i - 1
+
+
+def _stream(seq: np.random.SeedSequence, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=tuple(seq.spawn_key) + key))
+
+
+def _cells(seq: np.random.SeedSequence, kind: int, half: tuple[float, float], cell_px: float):
+    """Yield ``(x0, y0, rng)`` for every cell overlapping ``|x| <= half[0], |y| <= half[1]``."""
+    ix = range(int(np.floor(-half[0] / cell_px)), int(np.floor(half[0] / cell_px)) + 1)
+    iy = range(int(np.floor(-half[1] / cell_px)), int(np.floor(half[1] / cell_px)) + 1)
+    for i in ix:
+        for j in iy:
+            yield i * cell_px, j * cell_px, _stream(seq, kind, _zigzag(i), _zigzag(j))
+
+
+def _in_cell(rng: np.random.Generator, k: int, x0: float, y0: float, cell_px: float, half_z) -> np.ndarray:
+    """k uniform points in a cell of the slab frame, |z| <= half_z (scalar or per point)."""
+    x = x0 + rng.uniform(0.0, cell_px, k)
+    y = y0 + rng.uniform(0.0, cell_px, k)
     z = rng.uniform(-1.0, 1.0, k) * np.maximum(half_z, 0.0)
     return np.stack([x, y, z], axis=-1)
 
@@ -267,21 +305,19 @@ def _place_beads(cfg: SimulationConfig, rng: np.random.Generator, half_z: float,
     )
 
 
-def _vesicles(cfg: SimulationConfig, rng: np.random.Generator, k: int, half, half_z: float, px_per_nm: float) -> Shells:
-    """Bilayer vesicles: two dense leaflets around a lighter hydrophobic core."""
+def _vesicles(cfg: SimulationConfig, rng: np.random.Generator, k: int, x0, y0, cell_px, half_z, px_per_nm) -> Shells:
+    """Bilayer vesicles in one cell: two dense leaflets around a lighter hydrophobic core."""
     c = cfg.content
     if k == 0:
         return Shells.empty()
     w = c.membrane_thickness_nm * px_per_nm
     radius = rng.uniform(*c.vesicle_radius_nm, k) * px_per_nm
+    # a vesicle larger than the ice is flattened in reality; here it shrinks to fit
     radius = np.minimum(radius, max(half_z - 1.0, 2 * w))
-    centers = _in_slab(rng, k, half, half_z - radius)
+    centers = _in_cell(rng, k, x0, y0, cell_px, half_z - radius)
     # (inner fraction, outer fraction, density) of the membrane, outside in
     layers = ((0.7, 1.0, 1.0), (0.3, 0.7, 0.4), (0.0, 0.3, 1.0))
-    parts = []
-    for lo, hi, dens in layers:
-        parts.append(Shells(centers, radius - w + lo * w, radius - w + hi * w, np.full(k, dens)))
-    return Shells.concat(parts)
+    return Shells.concat([Shells(centers, radius - w + lo * w, radius - w + hi * w, np.full(k, d)) for lo, hi, d in layers])
 
 
 def _filament(
@@ -325,95 +361,106 @@ def _filament(
     return axis + radius * (np.cos(psi)[:, None] * normal + np.sin(psi)[:, None] * b0)
 
 
-def _filaments(cfg: SimulationConfig, rng: np.random.Generator, n_actin: int, n_mt: int, half, half_z: float, px_per_nm: float) -> Gaussians:
+# (rise nm, helix radius nm, twist deg, strands, stagger nm, subunit radius nm)
+_FILAMENT_KINDS = {
+    _ACTIN: (2.75, 2.0, -166.7, 1, 0.0, 2.5),
+    _MICROTUBULES: (4.0, 11.5, 0.0, 13, 12.0 / 13.0, 2.6),
+}
+
+
+def _filaments(cfg: SimulationConfig, rng: np.random.Generator, k: int, x0, y0, cell_px, half_z, px_per_nm, kind: int) -> Gaussians:
+    """k actin-like or microtubule-like filaments starting in one cell."""
     c = cfg.content
     kappa_max = c.filament_curvature_per_um / 1000.0 / px_per_nm
-    # (rise nm, helix radius nm, twist deg, strands, stagger nm, subunit radius nm)
-    kinds = {
-        "actin": (2.75, 2.0, -166.7, 1, 0.0, 2.5),
-        "microtubule": (4.0, 11.5, 0.0, 13, 12.0 / 13.0, 2.6),
-    }
+    rise, rad, twist, strands, stagger, sub_r = _FILAMENT_KINDS[kind]
+    sigma = GAUSSIAN_SIGMA_PER_RADIUS * sub_r * px_per_nm
     parts = []
-    for kind, count in (("actin", n_actin), ("microtubule", n_mt)):
-        rise, rad, twist, strands, stagger, sub_r = kinds[kind]
-        for _ in range(count):
-            length = rng.uniform(*c.filament_length_nm) * px_per_nm
-            start = _in_slab(rng, 1, half, np.array([half_z]))[0]
-            centers = _filament(
-                rng,
-                start,
-                length,
-                rng.uniform(0.0, kappa_max),
-                rise=rise * px_per_nm,
-                radius=rad * px_per_nm,
-                twist_rad=np.deg2rad(twist),
-                n_strands=strands,
-                strand_stagger=stagger * px_per_nm,
-            )
-            sigma = GAUSSIAN_SIGMA_PER_RADIUS * sub_r * px_per_nm
-            # a filament ends where it meets the ice surface
-            inside = np.abs(centers[:, 2]) <= half_z - sigma
-            parts.append(Gaussians(centers[inside], np.full(inside.sum(), sigma), np.ones(inside.sum())))
+    for _ in range(k):
+        length = rng.uniform(*c.filament_length_nm) * px_per_nm
+        start = _in_cell(rng, 1, x0, y0, cell_px, half_z - sigma)[0]
+        centers = _filament(
+            rng,
+            start,
+            length,
+            rng.uniform(0.0, kappa_max),
+            rise=rise * px_per_nm,
+            radius=rad * px_per_nm,
+            twist_rad=np.deg2rad(twist),
+            n_strands=strands,
+            strand_stagger=stagger * px_per_nm,
+        )
+        # a filament ends where it meets the ice surface
+        inside = np.abs(centers[:, 2]) <= half_z - sigma
+        parts.append(Gaussians(centers[inside], np.full(inside.sum(), sigma), np.ones(inside.sum())))
     return Gaussians.concat(parts)
 
 
-def _proteins(cfg: SimulationConfig, rng: np.random.Generator, k: int, half, half_z: float, px_per_nm: float) -> Gaussians:
-    if k == 0:
-        return Gaussians.empty()
+def _proteins(cfg: SimulationConfig, rng: np.random.Generator, k: int, x0, y0, cell_px, half_z, px_per_nm) -> Gaussians:
+    """k protein-sized Gaussians in one cell, radii log-uniform in the configured range."""
     lo, hi = cfg.content.protein_radius_nm
     radius = np.exp(rng.uniform(np.log(lo), np.log(hi), k)) * px_per_nm
-    sigma = GAUSSIAN_SIGMA_PER_RADIUS * radius
-    centers = _in_slab(rng, k, half, half_z - radius)
-    return Gaussians(centers, sigma, np.ones(k))
+    centers = _in_cell(rng, k, x0, y0, cell_px, half_z - radius)
+    return Gaussians(centers, GAUSSIAN_SIGMA_PER_RADIUS * radius, np.ones(k))
 
 
-def make_specimen(cfg: SimulationConfig, rng: np.random.Generator, n_views: int, voxels: VoxelPhantom | None = None) -> Specimen:
+def make_specimen(
+    cfg: SimulationConfig, seed: np.random.SeedSequence, n_views: int, voxels: VoxelPhantom | None = None
+) -> Specimen:
     """Draw a specimen for a configuration.
 
-    Counts in ``cfg.content`` are per field of view; they are scaled to the
-    larger slab region that the tilted, shifted views can see, so every view is
-    filled. Gold beads are placed inside the zero-tilt field of view. When
-    ``voxels`` is given it replaces the analytic cellular content.
+    Content counts in ``cfg.content`` are mean numbers per field of view. The
+    slab region that the tilted, shifted views can see is tiled with square
+    cells of :data:`CELL_NM`; each cell draws a Poisson number of each kind of
+    object from its own stream, so the specimen is the same wherever two
+    configurations overlap. Gold beads, from a stream of their own, are placed
+    inside the zero-tilt field of view. ``voxels``, when given, replaces the
+    analytic cellular content.
 
     Parameters
     ----------
     cfg : SimulationConfig
-    rng : numpy.random.Generator
-        The only source of randomness; draws happen in a fixed order.
+    seed : numpy.random.SeedSequence
+        The specimen's seed; every stream is derived from it.
     n_views : int
-        Number of views (sets the stage-excursion margin of the content region).
+        Number of views (sets the stage-excursion margin of the region drawn).
     voxels : VoxelPhantom, optional
     """
     px_per_nm = 10.0 / cfg.detector.pixel_size_A
     half_z = 0.5 * cfg.specimen.thickness_nm * px_per_nm
     half = content_region_px(cfg, n_views)
     h, w = cfg.detector.image_shape
-    scale = (4.0 * half[0] * half[1]) / float(h * w)
+    cell_px = CELL_NM * px_per_nm
+    per_cell = cell_px**2 / float(h * w)  # expected objects per cell for one per field of view
     rot = _slab_rotation(cfg)
 
-    beads = _place_beads(cfg, rng, half_z, px_per_nm)
+    beads = _place_beads(cfg, _stream(seed, _BEADS), half_z, px_per_nm)
     radius = 0.5 * cfg.beads.diameter_nm * px_per_nm
     gold = solid_spheres(beads @ rot.T, np.full(len(beads), radius), np.full(len(beads), cfg.beads.attenuation_per_nm / px_per_nm))
 
     c = cfg.content
+    shells, gauss = [], []
     if voxels is None:
-        counts = [int(round(v * scale)) for v in (c.vesicles, c.actin_filaments, c.microtubules, c.proteins)]
-        shells = _vesicles(cfg, rng, counts[0], half, half_z, px_per_nm)
-        gauss = Gaussians.concat(
-            [_filaments(cfg, rng, counts[1], counts[2], half, half_z, px_per_nm), _proteins(cfg, rng, counts[3], half, half_z, px_per_nm)]
-        )
-        shells = Shells(shells.centers_px @ rot.T, shells.r_inner_px, shells.r_outer_px, shells.density)
-        gauss = Gaussians(gauss.centers_px @ rot.T, gauss.sigma_px, gauss.peak)
-        log.info(
-            "specimen: %d beads, %d vesicles, %d filaments, %d proteins over %.0f x %.0f px (%d shells, %d Gaussians)",
-            len(beads), counts[0], counts[1] + counts[2], counts[3], 2 * half[0], 2 * half[1], len(shells), len(gauss),
-        )
-    else:
-        shells, gauss = Shells.empty(), Gaussians.empty()
+        args = (half_z, px_per_nm)
+        for kind, count in ((_VESICLES, c.vesicles), (_ACTIN, c.actin_filaments), (_MICROTUBULES, c.microtubules), (_PROTEINS, c.proteins)):
+            if count == 0:
+                continue
+            for x0, y0, rng in _cells(seed, kind, half, cell_px):
+                k = int(rng.poisson(count * per_cell))
+                if kind == _VESICLES:
+                    shells.append(_vesicles(cfg, rng, k, x0, y0, cell_px, *args))
+                elif kind == _PROTEINS:
+                    gauss.append(_proteins(cfg, rng, k, x0, y0, cell_px, *args))
+                else:
+                    gauss.append(_filaments(cfg, rng, k, x0, y0, cell_px, *args, kind=kind))
+    shells_all, gauss_all = Shells.concat(shells), Gaussians.concat(gauss)
+    log.info(
+        "specimen: %d beads; %d shells and %d Gaussians of content over %.0f x %.0f px",
+        len(beads), len(shells_all), len(gauss_all), 2 * half[0], 2 * half[1],
+    )
     return Specimen(
         gold=gold,
-        shells=shells,
-        gaussians=gauss,
+        shells=Shells(shells_all.centers_px @ rot.T, shells_all.r_inner_px, shells_all.r_outer_px, shells_all.density),
+        gaussians=Gaussians(gauss_all.centers_px @ rot.T, gauss_all.sigma_px, gauss_all.peak),
         thickness_px=2 * half_z,
         slab_normal=rot @ np.array([0.0, 0.0, 1.0]),
         voxels=voxels,

@@ -17,7 +17,7 @@ def test_simulate_writes_the_series(tmp_path, capsys):
     "args, message",
     [
         (["--set", "beads.cont=3"], "unknown key beads.cont"),
-        (["--set", "tilt.total_dose_e_per_A2=-1"], "expected a dose >= 0"),
+        (["--set", "tilt.total_dose_e_per_A2=-1"], "expected a dose > 0 and <= 1e6, got -1.0"),
         (["--config", "missing.toml"], "missing.toml: cannot read config file"),
     ],
 )

@@ -93,3 +93,34 @@ def test_help_lists_every_parameter_with_its_unit():
             if f.metadata["unit"]:
                 assert f"[{f.metadata['unit']}]" in line
             assert f.metadata["help"] in line
+
+
+@pytest.mark.parametrize(
+    "assignments, match",
+    [
+        (["tilt.min_deg=10", "tilt.max_deg=10"], r"tilt.step_deg: expected a step giving at least 2 views"),
+        (["tilt.step_deg=200"], r"tilt.step_deg: expected a step giving at least 2 views"),
+        (["tilt.total_dose_e_per_A2=0"], r"tilt.total_dose_e_per_A2: expected a dose > 0"),
+        (["tilt.total_dose_e_per_A2=1e30"], r"tilt.total_dose_e_per_A2: expected a dose > 0 and <= 1e6"),
+        (["specimen.thickness_nm=5"], r"beads.diameter_nm: expected beads no larger than the ice \(specimen.thickness_nm = 5.0\)"),
+        (["specimen.thickness_nm=8", "beads.count=0"], r"content.protein_radius_nm: expected proteins no larger than the ice"),
+    ],
+)
+def test_degenerate_configurations_are_rejected(assignments, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", assignments=assignments)
+
+
+def test_configs_built_in_python_are_checked_too():
+    from simtomo.config import BeadConfig, DetectorConfig, MisalignmentConfig
+
+    with pytest.raises(ConfigError, match=r"detector.image_shape\[0\]: expected an integer, got 100.5"):
+        DetectorConfig(image_shape=(100.5, 100))
+    with pytest.raises(ConfigError, match="beads.count: expected an integer, got 2.5"):
+        BeadConfig(count=2.5)
+    with pytest.raises(ConfigError, match="misalignment.tilt_axis_deg: expected a finite number"):
+        MisalignmentConfig(tilt_axis_deg=float("nan"))
+    with pytest.raises(ConfigError, match="beads: expected a BeadConfig"):
+        SimulationConfig(beads={"count": 3})
+    # integral floats are accepted for integer fields, lists for tuples
+    assert BeadConfig(count=3.0).count == 3 and DetectorConfig(image_shape=[64, 64]).image_shape == (64, 64)

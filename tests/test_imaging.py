@@ -83,17 +83,37 @@ def test_ctf_amplitude_contrast_at_zero_and_first_zero():
     assert row[3] > 0.1
 
 
-def test_ctf_flips_protein_contrast_beyond_the_first_zero():
-    detector = DetectorConfig(image_shape=(64, 64), poisson_noise=False)
-    content = np.zeros((64, 64))
-    content[32, 32] = 1.0
-    kwargs = dict(dose_e_per_A2=1.0, mag=1.0, ice_path_px=0.0, phase_per_px=0.01, detector=detector)
-    plain = expected_counts(np.zeros((64, 64)), content, optics=OpticsConfig(), **kwargs)
-    with_ctf = expected_counts(np.zeros((64, 64)), content, optics=OpticsConfig(ctf=True, defocus_um=1.0), **kwargs)
-    assert plain[32, 32] < plain[0, 0]  # ideal phase contrast: protein dark
-    assert not np.allclose(with_ctf, plain)
-    # the CTF conserves the mean exponent only up to the amplitude-contrast DC term
-    assert with_ctf.mean() > plain.mean()
+def test_content_exponent_is_filtered_by_exactly_the_ctf():
+    """-log(N / flux) of a point of protein is 2 phi times the CTF's kernel: contrast flips where the CTF is negative."""
+    shape = (64, 64)
+    detector = DetectorConfig(image_shape=shape, poisson_noise=False)
+    optics = OpticsConfig(ctf=True, defocus_um=1.0)
+    content = np.zeros(shape)
+    content[0, 0] = 1.0  # a delta: its transform is 1 everywhere
+    counts = expected_counts(
+        np.zeros(shape), content, dose_e_per_A2=1.0, mag=1.0, ice_path_px=0.0, phase_per_px=0.01, detector=detector, optics=optics
+    )
+    flux = detector.pixel_size_A**2
+    transfer = np.fft.rfft2(-np.log(counts / flux)) / (2 * 0.01)
+    np.testing.assert_allclose(transfer.real, ctf(shape, detector.pixel_size_A, optics), atol=1e-9)
+    np.testing.assert_allclose(transfer.imag, 0.0, atol=1e-9)
+    assert (ctf(shape, detector.pixel_size_A, optics) < 0).any()  # there are flipped frequencies to check
+
+
+def test_magnified_view_spreads_the_dose_hand_worked():
+    # 2 e/A^2 on 8 A pixels magnified 1.25x: each pixel sees (8 / 1.25)^2 = 40.96 A^2, i.e. 81.92 e
+    detector = DetectorConfig(image_shape=(16, 16), poisson_noise=False)
+    counts = expected_counts(
+        np.zeros((16, 16)), np.zeros((16, 16)), dose_e_per_A2=2.0, mag=1.25, ice_path_px=0.0, phase_per_px=0.0,
+        detector=detector, optics=OpticsConfig(),
+    )
+    np.testing.assert_allclose(counts, 81.92, rtol=1e-12)
+    # 350 px of ice at 0.8 nm/px with a 350 nm mean free path: exp(-0.8)
+    thick = expected_counts(
+        np.zeros((16, 16)), np.zeros((16, 16)), dose_e_per_A2=2.0, mag=1.0, ice_path_px=350.0, phase_per_px=0.0,
+        detector=detector, optics=OpticsConfig(),
+    )
+    np.testing.assert_allclose(thick, 128.0 * np.exp(-0.8), rtol=1e-12)
 
 
 def test_motion_blur_and_mtf_keep_mass_and_centre():

@@ -258,6 +258,27 @@ def test_unset_pixel_size_rejected_unless_given(tmp_path, stack):
     assert pixel == 4.2 and np.array_equal(data, stack)
 
 
+def test_non_cubic_volume_rejected_unless_voxel_size_given(tmp_path, stack):
+    path = tmp_path / "aniso.mrc"
+    _write_raw_mrc(path, stack, voxel_size=(8.0, 8.0, 16.0), image_stack=False)
+    with pytest.raises(
+        FileFormatError, match=r"aniso\.mrc: header voxel size x=8, y=8, z=16 Å; expected cubic voxels"
+    ):
+        read_volume(path)
+    data, voxel = read_volume(path, voxel_size_A=8.0)
+    assert voxel == 8.0 and np.array_equal(data, stack)
+
+
+@pytest.mark.parametrize("z_cell_A", [0.0, 1.0, 123.4, 1e6])
+def test_stack_z_cell_size_is_not_checked(tmp_path, stack, z_cell_A):
+    path = tmp_path / "s.mrc"
+    _write_raw_mrc(path, stack, voxel_size=1.35)
+    with mrcfile.open(path, mode="r+") as mrc:
+        mrc.header.cella.z = z_cell_A  # the view spacing of a stack: not a pixel size
+    data, pixel = read_stack(path)
+    assert pixel == 1.35 and np.array_equal(data, stack)
+
+
 def test_writers_reject_bad_input(tmp_path, stack):
     with pytest.raises(ValueError, match=r"data: expected a 3-D tilt series"):
         write_stack(tmp_path / "a.mrc", stack[0], 8.0)

@@ -53,10 +53,21 @@ def test_direction_reversals_edge_cases():
     )
 
 
-def test_backlash_jumps_exactly_at_reversals_alternating_with_direction():
+def _axis_and_normal(phi_deg):
+    """R(phi) @ (0, 1), the tilt axis, and R(phi) @ (1, 0), across it (DESIGN.md section 3)."""
+    phi = np.deg2rad(phi_deg)
+    return np.array([-np.sin(phi), np.cos(phi)]), np.array([np.cos(phi), np.sin(phi)])
+
+
+@pytest.mark.parametrize("phi_deg", [85.3, 0.0, -30.0, 137.0])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_backlash_jumps_exactly_at_reversals_alternating_with_direction(phi_deg, seed):
     seq = dose_symmetric(-60, 60, 3, group_size=2)
     backlash = 7.5
-    shifts = stage_shifts_px(seq, initial_offset_px=0.0, walk_px=0.0, backlash_px=backlash, rng=np.random.default_rng(3))
+    shifts = stage_shifts_px(
+        seq, initial_offset_px=0.0, walk_px=0.0, backlash_px=backlash, tilt_axis_deg=phi_deg,
+        rng=np.random.default_rng(seed),
+    )
     assert shifts.shape == (seq.size, 2)
     np.testing.assert_array_equal(shifts[0], [0.0, 0.0])
     jumps = np.diff(shifts, axis=0, prepend=np.zeros((1, 2)))
@@ -74,16 +85,36 @@ def test_backlash_jumps_exactly_at_reversals_alternating_with_direction():
     # The series alternates direction at each reversal, so the jumps alternate in sign.
     signs = np.sign(jumps[reversal] @ u[0])
     np.testing.assert_array_equal(signs[1:], -signs[:-1])
-    # The documented first draw is u's angle: the jump points along +u when tilting up (lag in
-    # the direction of travel), along -u when tilting down.
-    angle = np.random.default_rng(3).uniform(0.0, 2.0 * np.pi)
-    np.testing.assert_allclose(u[0], [np.cos(angle), np.sin(angle)], atol=1e-12)
+    # Jumps lie across the tilt axis: perpendicular to R(phi) @ (0, 1), along R(phi) @ (1, 0).
+    axis, normal = _axis_and_normal(phi_deg)
+    np.testing.assert_allclose(jumps[reversal] @ axis, 0.0, rtol=0, atol=1e-12)
+    # The documented first draw is u's sign s (+1 when the uniform is < 0.5): the jump points
+    # along +u when tilting up (lag in the direction of travel), along -u when tilting down.
+    s = 1.0 if np.random.default_rng(seed).random() < 0.5 else -1.0
+    np.testing.assert_allclose(u[0], s * normal, atol=1e-12)
+
+
+def test_backlash_sign_is_random_per_series():
+    seq = dose_symmetric(-60, 60, 3, group_size=2)
+    reversal = direction_reversals(seq)
+    first = np.flatnonzero(reversal)[0]
+    _, normal = _axis_and_normal(85.3)
+    signs = set()
+    for seed in range(20):
+        shifts = stage_shifts_px(
+            seq, initial_offset_px=0.0, walk_px=0.0, backlash_px=2.0, tilt_axis_deg=85.3,
+            rng=np.random.default_rng(seed),
+        )
+        jump = shifts[first] - shifts[first - 1]
+        assert abs(abs(jump @ normal) - 2.0) <= 1e-12
+        signs.add(np.sign(jump @ normal) * np.sign(seq[first] - seq[first - 1]))
+    assert signs == {-1.0, 1.0}
 
 
 def test_stage_shift_walk_statistics():
     seq = np.arange(401.0)  # unidirectional: no reversals, pure walk
     rng = np.random.default_rng(11)
-    shifts = stage_shifts_px(seq, initial_offset_px=0.0, walk_px=2.0, backlash_px=100.0, rng=rng)
+    shifts = stage_shifts_px(seq, initial_offset_px=0.0, walk_px=2.0, backlash_px=100.0, tilt_axis_deg=85.3, rng=rng)
     steps = np.diff(shifts, axis=0)
     assert 1.8 < steps.std() < 2.2
     np.testing.assert_array_equal(shifts[0], [0.0, 0.0])
@@ -138,7 +169,8 @@ def test_drift_evolves_in_acquisition_order():
     geo = _simulate(cfg, scheme, seed=9).geometry
     # The documented draw order starts with the stage shifts, in acquisition order, at 10/8 px per nm.
     expected = stage_shifts_px(
-        scheme.acquired_tilt_deg, initial_offset_px=50.0, walk_px=15.0, backlash_px=60.0, rng=np.random.default_rng(9)
+        scheme.acquired_tilt_deg, initial_offset_px=50.0, walk_px=15.0, backlash_px=60.0,
+        tilt_axis_deg=cfg.tilt_axis_deg, rng=np.random.default_rng(9),
     )
     np.testing.assert_allclose(geo.shift_px[scheme.acquisition_order], expected, rtol=1e-12)
     # Stored by nominal tilt, the first acquired view (0 deg) sits mid-stack, not at index 0.
@@ -152,7 +184,10 @@ def test_documented_draw_order():
     mis = _simulate(cfg, scheme, seed=21)
     rng = np.random.default_rng(21)
     n, acq = scheme.n_views, scheme.acquisition_order
-    shifts = stage_shifts_px(scheme.acquired_tilt_deg, initial_offset_px=50.0, walk_px=15.0, backlash_px=60.0, rng=rng)
+    shifts = stage_shifts_px(
+        scheme.acquired_tilt_deg, initial_offset_px=50.0, walk_px=15.0, backlash_px=60.0,
+        tilt_axis_deg=cfg.tilt_axis_deg, rng=rng,
+    )
     rot = cfg.tilt_axis_deg + smooth_drift(n, cfg.rot_drift_deg, rng)
     mag = 1.0 + smooth_drift(n, cfg.mag_drift, rng)
     tilt = scheme.acquired_tilt_deg + cfg.tilt_offset_deg + cfg.tilt_jitter_deg * rng.standard_normal(n)
@@ -165,15 +200,20 @@ def test_documented_draw_order():
     np.testing.assert_allclose(mis.motion_px[acq], motion, rtol=1e-12)
 
 
-def test_backlash_through_simulate_misalignment():
+@pytest.mark.parametrize("phi_deg", [85.3, -12.0])
+def test_backlash_through_simulate_misalignment(phi_deg):
     scheme = make_tilt_scheme(TiltConfig(step_deg=3))
-    cfg = MisalignmentConfig(**{**QUIET, "backlash_nm": 4.0})
+    cfg = MisalignmentConfig(**{**QUIET, "backlash_nm": 4.0, "tilt_axis_deg": phi_deg, "rot_drift_deg": 0.2})
     geo = _simulate(cfg, scheme, pixel_size_A=8.0).geometry
     shifts_acq = geo.shift_px[scheme.acquisition_order]
-    jumps = np.linalg.norm(np.diff(shifts_acq, axis=0, prepend=np.zeros((1, 2))), axis=1)
+    steps = np.diff(shifts_acq, axis=0, prepend=np.zeros((1, 2)))
+    jumps = np.linalg.norm(steps, axis=1)
     reversal = direction_reversals(scheme.acquired_tilt_deg)
     np.testing.assert_array_equal(jumps > 1e-12, reversal)
     np.testing.assert_allclose(jumps[reversal], 5.0, rtol=1e-12)  # 4 nm at 8 Å/px
+    # Perpendicular to the mean tilt axis cfg.tilt_axis_deg, whatever the rotation drift.
+    axis, _ = _axis_and_normal(phi_deg)
+    np.testing.assert_allclose(steps[reversal] @ axis, 0.0, rtol=0, atol=1e-12)
 
 
 def test_same_seed_reproduces_other_seed_differs():
@@ -220,16 +260,23 @@ def test_misalignment_arrays_are_read_only():
         (lambda: smooth_drift(5, -0.1, np.random.default_rng()), r"rms: expected a finite value >= 0, got -0.1"),
         (lambda: smooth_drift(0, 0.1, np.random.default_rng()), r"n: expected an integer >= 1, got 0"),
         (
-            lambda: stage_shifts_px([0.0, 1.0], initial_offset_px=0, walk_px=0, backlash_px=-1, rng=np.random.default_rng()),
+            lambda: stage_shifts_px([0.0, 1.0], initial_offset_px=0, walk_px=0, backlash_px=-1, tilt_axis_deg=0.0, rng=np.random.default_rng()),
             r"backlash_px: expected a finite value >= 0, got -1",
         ),
         (
-            lambda: stage_shifts_px([0.0, 1.0], initial_offset_px=float("nan"), walk_px=0, backlash_px=0, rng=np.random.default_rng()),
+            lambda: stage_shifts_px([0.0, 1.0], initial_offset_px=float("nan"), walk_px=0, backlash_px=0, tilt_axis_deg=0.0, rng=np.random.default_rng()),
             r"initial_offset_px",
         ),
         (
-            lambda: stage_shifts_px([0.0, 1.0], initial_offset_px=0, walk_px=-2, backlash_px=0, rng=np.random.default_rng()),
+            lambda: stage_shifts_px([0.0, 1.0], initial_offset_px=0, walk_px=-2, backlash_px=0, tilt_axis_deg=0.0, rng=np.random.default_rng()),
             r"walk_px",
+        ),
+        (
+            lambda: stage_shifts_px(
+                [0.0, 1.0], initial_offset_px=0, walk_px=0, backlash_px=0, tilt_axis_deg=float("inf"),
+                rng=np.random.default_rng(),
+            ),
+            r"tilt_axis_deg: expected a finite angle, got inf",
         ),
         (lambda: direction_reversals(np.zeros((2, 2))), r"acquired_tilt_deg: expected a non-empty 1-D array"),
         (lambda: _simulate(MisalignmentConfig(), make_tilt_scheme(TiltConfig()), pixel_size_A=0.0), r"pixel_size_A: expected a positive size, got 0.0"),

@@ -8,7 +8,7 @@ from simtomo.specimen import GAUSSIAN_SIGMA_PER_RADIUS, Gaussians, _filament, co
 
 
 def specimen(overrides, seed=0, preset="tiny"):
-    return make_specimen(apply_overrides(simtomo.preset(preset), overrides), np.random.default_rng(seed), 41)
+    return make_specimen(apply_overrides(simtomo.preset(preset), overrides), np.random.SeedSequence(seed), 41)
 
 
 def test_beads_keep_their_spacing_and_stay_in_the_field():
@@ -35,7 +35,7 @@ def test_beads_throughout_and_on_both_surfaces():
 
 def test_content_stays_in_the_slab_and_fills_the_visible_region():
     cfg = simtomo.preset("tiny")
-    s = make_specimen(cfg, np.random.default_rng(0), 41)
+    s = make_specimen(cfg, np.random.SeedSequence(0), 41)
     half_z = s.thickness_px / 2
     assert np.all(np.abs(s.gaussians.centers_px[:, 2]) + s.gaussians.sigma_px <= half_z + 1e-9)
     assert np.all(np.abs(s.shells.centers_px[:, 2]) + s.shells.r_outer_px <= half_z + 1e-9)
@@ -92,3 +92,35 @@ def test_protein_gaussian_has_the_mass_of_a_unit_ball():
 def test_too_many_beads_is_a_clear_error():
     with pytest.raises(ConfigError, match="could not place 40 beads 30.0 nm apart"):
         specimen({"beads": {"count": 40, "min_spacing_nm": 30.0}})
+
+
+def content_set(spec, scale=1.0):
+    """Content positions in nm-like units, as a set of rounded tuples."""
+    return {tuple(np.round(c * scale, 6)) for c in spec.gaussians.centers_px}
+
+
+def test_beads_do_not_change_the_cells():
+    seq = np.random.SeedSequence(4)
+    with_beads = make_specimen(simtomo.preset("standard"), seq, 61)
+    without = make_specimen(simtomo.preset("standard-nobeads"), seq, 61)
+    assert len(with_beads.gold) == 25 and len(without.gold) == 0
+    np.testing.assert_array_equal(with_beads.gaussians.centers_px, without.gaussians.centers_px)
+    np.testing.assert_array_equal(with_beads.shells.r_outer_px, without.shells.r_outer_px)
+
+
+def test_larger_stage_errors_draw_more_cells_of_the_same_specimen():
+    seq = np.random.SeedSequence(5)
+    small = make_specimen(apply_overrides(simtomo.preset("tiny"), {"misalignment": {"backlash_nm": 0.0}}), seq, 41)
+    large = make_specimen(apply_overrides(simtomo.preset("tiny"), {"misalignment": {"backlash_nm": 40.0}}), seq, 41)
+    assert len(large.gaussians) > len(small.gaussians)
+    assert content_set(small) <= content_set(large)
+    np.testing.assert_array_equal(small.gold.centers_px, large.gold.centers_px)
+
+
+def test_large_images_the_cells_of_standard_at_finer_sampling():
+    seq = np.random.SeedSequence(6)
+    std = make_specimen(simtomo.preset("standard"), seq, 61)
+    big = make_specimen(simtomo.preset("large"), seq, 61)
+    # the same objects in nm: positions scale with the pixel size (8 A vs 2 A)
+    in_std = content_set(std, 0.8)
+    assert len(in_std) > 1000 and in_std <= content_set(big, 0.2)

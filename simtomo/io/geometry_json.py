@@ -13,20 +13,26 @@ ignored by :func:`read_geometry` (truth files are geometry files with more keys)
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import math
 import os
-import secrets
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from simtomo.errors import ConfigError, FileFormatError
 from simtomo.geometry import Geometry
+from simtomo.io._json import (
+    bad_number,
+    check_json_value,
+    dumps_document,
+    is_int,
+    json_type,
+    load_json,
+    number_list,
+    raise_problems,
+    row_list,
+    show,
+    write_text_atomic,
+)
 
 __all__ = [
     "GEOMETRY_FORMAT",
@@ -36,8 +42,6 @@ __all__ = [
     "write_geometry",
     "read_geometry",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: Value of the ``format`` key of geometry (and truth) files.
 GEOMETRY_FORMAT = "simtomo.geometry/1"
@@ -105,7 +109,7 @@ def geometry_from_dict(data: Any, *, source: str) -> Geometry:
     _check_document(data, source, GEOMETRY_KEYS, kind="geometry")
     problems: list[str] = []
     fields = _geometry_fields(data, problems)
-    _raise_problems(source, problems)
+    raise_problems(source, problems)
     return _build_geometry(fields, source)
 
 
@@ -134,9 +138,9 @@ def write_geometry(path: str | os.PathLike, geometry: Geometry, **extra: Any) ->
     if clash:
         raise ValueError(f"write_geometry: extra keys {clash} collide with the geometry schema keys")
     for key, value in extra.items():
-        _check_json_value(value, key)
+        check_json_value(value, key)
     document.update(extra)
-    _write_text_atomic(path, _dumps_document(document))
+    write_text_atomic(path, dumps_document(document))
 
 
 def read_geometry(path: str | os.PathLike) -> Geometry:
@@ -159,83 +163,21 @@ def read_geometry(path: str | os.PathLike) -> Geometry:
         starts with the file path and names the key.
     """
     name = os.fspath(path)
-    return geometry_from_dict(_load_json(name), source=name)
+    return geometry_from_dict(load_json(name), source=name)
 
 
 # ----------------------------------------------------------------------------
-# helpers shared with simtomo.io.truth
+# the geometry schema, shared with simtomo.io.truth
 # ----------------------------------------------------------------------------
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of two equal keys silently; a hand-edited file with a
-    # key twice is ambiguous, so it is refused.
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
-def _load_json(name: str) -> Any:
-    """Parse a JSON file, turning every failure into a FileFormatError naming the file."""
-    if not os.path.exists(name):
-        raise FileFormatError(f"{name}: no such file, expected a JSON file")
-    if os.path.isdir(name):
-        raise FileFormatError(f"{name}: is a directory, expected a JSON file")
-    try:
-        raw = Path(name).read_bytes()
-    except OSError as err:
-        raise FileFormatError(f"{name}: cannot read: {err.strerror or err}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise FileFormatError(f"{name}: not UTF-8 text (byte {err.start}), expected a JSON file") from None
-    try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates)
-    except json.JSONDecodeError as err:
-        raise FileFormatError(f"{name}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    except _DuplicateKey as err:
-        raise FileFormatError(f"{name}: key {err.args[0]!r} appears twice in one JSON object, expected once") from None
-    except RecursionError:
-        raise FileFormatError(f"{name}: invalid JSON: nested too deeply") from None
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if value is None:
-        return "null"
-    return "a number"
-
-
-def _show(value: Any) -> str:
-    """A value as it appears in the file, cut short."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_document(data: Any, source: str, required: tuple[str, ...], *, kind: str) -> None:
     """Top level an object, the right ``format``, no missing keys."""
     if not isinstance(data, dict):
-        raise FileFormatError(f"{source}: top level is {_json_type(data)}, expected a JSON object ({kind} file)")
+        raise FileFormatError(f"{source}: top level is {json_type(data)}, expected a JSON object ({kind} file)")
     if "format" in data and data["format"] != GEOMETRY_FORMAT:
         raise FileFormatError(
-            f"{source}: key 'format': found {_show(data['format'])}, expected {json.dumps(GEOMETRY_FORMAT)}"
+            f"{source}: key 'format': found {show(data['format'])}, expected {json.dumps(GEOMETRY_FORMAT)}"
         )
     missing = [k for k in required if k not in data]
     if missing:
@@ -245,100 +187,26 @@ def _check_document(data: Any, source: str, required: tuple[str, ...], *, kind: 
         )
 
 
-def _raise_problems(source: str, problems: list[str]) -> None:
-    if len(problems) == 1:
-        raise FileFormatError(f"{source}: {problems[0]}")
-    if problems:
-        raise FileFormatError(f"{source}: {len(problems)} problems: " + "; ".join(problems))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _bad_number(value: Any) -> str | None:
-    """Why a JSON value is not a finite number, or None if it is one."""
-    if not _is_number(value):
-        return f"{_show(value)} ({_json_type(value)}), expected a number"
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{_show(value)}, expected a finite number"
-    return None
-
-
-def _number_list(
-    data: Mapping[str, Any], key: str, problems: list[str], *, n: int | None = None, positive: bool = False
-) -> np.ndarray | None:
-    """A list of finite numbers as float64, or None after recording what is wrong."""
-    value = data[key]
-    if not isinstance(value, list):
-        problems.append(f"key {key!r}: found {_json_type(value)} {_show(value)}, expected a list of numbers")
-        return None
-    ok = _check_length(key, value, n, problems)
-    for i, item in enumerate(value):
-        why = _bad_number(item)
-        if why is None and positive and not item > 0:
-            why = f"{_show(item)}, expected a positive number"
-        if why is not None:
-            problems.append(f"key {key!r}: entry {i} is {why}")
-            return None
-    return np.array(value, dtype=float).reshape(len(value)) if ok else None
-
-
-def _check_length(key: str, value: list, n: int | None, problems: list[str]) -> bool:
-    if n is not None and len(value) != n:
-        problems.append(f"key {key!r}: {len(value)} entries, but 'tilt_deg' has {n} (expected one per view)")
-        return False
-    return True
-
-
-def _row_list(
-    data: Mapping[str, Any], key: str, problems: list[str], *, width: int, what: str, n: int | None = None
-) -> np.ndarray | None:
-    """A list of length-``width`` lists of finite numbers as an (m, width) float64 array."""
-    value = data[key]
-    if not isinstance(value, list):
-        problems.append(f"key {key!r}: found {_json_type(value)} {_show(value)}, expected a list of {what}")
-        return None
-    ok = _check_length(key, value, n, problems)
-    for i, row in enumerate(value):
-        if not isinstance(row, list) or len(row) != width:
-            found = f"a list of {len(row)}" if isinstance(row, list) else _json_type(row)
-            problems.append(f"key {key!r}: entry {i} is {found} {_show(row)}, expected {what[:-1]}")
-            return None
-        for j, item in enumerate(row):
-            why = _bad_number(item)
-            if why is not None:
-                problems.append(f"key {key!r}: entry {i}[{j}] is {why}")
-                return None
-    return np.array(value, dtype=float).reshape(len(value), width) if ok else None
-
-
 def _geometry_fields(data: Mapping[str, Any], problems: list[str]) -> dict[str, Any] | None:
     """Check the geometry keys, recording every problem; the Geometry arguments if none."""
     before = len(problems)
     shape = data["image_shape"]
-    if not (
-        isinstance(shape, list)
-        and len(shape) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
-    ):
-        problems.append(f"key 'image_shape': found {_show(shape)}, expected [h, w], two positive integers")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(is_int(v) and v > 0 for v in shape)):
+        problems.append(f"key 'image_shape': found {show(shape)}, expected [h, w], two positive integers")
     pixel = data["pixel_size_A"]
-    why = _bad_number(pixel)
-    if why is None and not pixel > 0:
-        why = f"{_show(pixel)}, expected a positive number"
+    why = bad_number(pixel, positive=True)
     if why is not None:
         problems.append(f"key 'pixel_size_A': found {why} of Å")
-    tilt = _number_list(data, "tilt_deg", problems)
+    tilt = number_list(data, "tilt_deg", problems)
     n = None
     if tilt is not None:
         n = tilt.shape[0]
         if n == 0:
             problems.append("key 'tilt_deg': empty list, expected one tilt angle per view")
             n = None
-    rot = _number_list(data, "rot_deg", problems, n=n)
-    mag = _number_list(data, "mag", problems, n=n, positive=True)
-    shift = _row_list(data, "shift_px", problems, width=2, what="[tx, ty] pairs", n=n)
+    rot = number_list(data, "rot_deg", problems, n=n)
+    mag = number_list(data, "mag", problems, n=n, positive=True)
+    shift = row_list(data, "shift_px", problems, width=2, what="[tx, ty] pairs", n=n)
     if len(problems) > before:
         return None
     return dict(
@@ -351,67 +219,11 @@ def _geometry_fields(data: Mapping[str, Any], problems: list[str]) -> dict[str, 
     )
 
 
-def _build_geometry(fields: dict[str, Any] | None, source: str) -> Geometry:
-    if fields is None:  # pragma: no cover - callers raise their problems first
-        raise FileFormatError(f"{source}: invalid geometry")
+def _build_geometry(fields: dict[str, Any], source: str) -> Geometry:
+    """The Geometry of fields :func:`_geometry_fields` accepted."""
     try:
         return Geometry(**fields)
     except ConfigError as err:
         # Geometry re-checks what _geometry_fields checked; reaching this means
         # the two disagree, but the message must still name the file.
         raise FileFormatError(f"{source}: {err}") from err
-
-
-def _check_json_value(value: Any, where: str) -> None:
-    """Refuse what json would write lossily or not at all, naming its location."""
-    if value is None or isinstance(value, (bool, str, int)):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{where}: {value!r} is not a finite number; JSON cannot hold it")
-        return
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_json_value(item, f"{where}[{i}]")
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"{where}: key {key!r} is {type(key).__name__}, expected str (JSON keys are strings)")
-            _check_json_value(item, f"{where}[{key!r}]")
-        return
-    raise ValueError(
-        f"{where}: {type(value).__name__} {_show(value)} is not a JSON value "
-        "(expected str, int, float, bool, None, list or dict; convert numpy values with .tolist())"
-    )
-
-
-def _dumps_document(document: Mapping[str, Any]) -> str:
-    """One top-level key per line; lists kept on their line, objects indented."""
-    lines = []
-    for key, value in document.items():
-        if isinstance(value, dict) and value:
-            text = json.dumps(value, indent=2, allow_nan=False).replace("\n", "\n  ")
-        else:
-            text = json.dumps(value, allow_nan=False)
-        lines.append(f"  {json.dumps(key)}: {text}")
-    return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
-def _write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            # On disk before the rename, so a crash leaves either the old file
-            # or the complete new one.
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    logger.debug("wrote %s", target)

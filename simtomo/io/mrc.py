@@ -14,10 +14,10 @@ timestamps, so the same data gives the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import os
-import secrets
 import warnings
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +26,7 @@ import mrcfile
 import numpy as np
 
 from simtomo.errors import FileFormatError
+from simtomo.io._json import check_file, temporary_path
 
 __all__ = [
     "read_stack",
@@ -86,8 +87,7 @@ def read_stack(
         (2-D) or a volume stack (4-D), holds 0 views, complex data, NaN or
         infinite values, or has no usable pixel size.
     """
-    data, pixel = _read_mrc(path, mmap=mmap, what="tilt series", override_A=pixel_size_A)
-    return data, pixel
+    return _read_mrc(path, mmap=mmap, what="tilt series", override_A=pixel_size_A)
 
 
 def read_volume(
@@ -105,20 +105,22 @@ def read_volume(
     mmap : bool, optional
         Memory-map the data (see :func:`read_stack`).
     voxel_size_A : float, optional
-        Voxel size in Å to use instead of the header's.
+        Voxel size in Å to use instead of the header's, e.g. for files written
+        without one. When omitted the header must hold a positive, cubic voxel.
 
     Returns
     -------
     volume : (d, h, w) float32 array
         ``vol[z, y, x]``, centred as in DESIGN.md section 3.
     voxel_size_A : float
-        Voxel size in Å along x (``cella.x / mx``, rounded to 6 significant
+        Voxel size in Å (``cella / (mx, my, mz)``, rounded to 6 significant
         digits).
 
     Raises
     ------
     FileFormatError
-        As :func:`read_stack`; a 2-D image or an empty volume is rejected.
+        As :func:`read_stack`; a 2-D image, an empty volume or non-cubic
+        voxels (all three sizes are given) are rejected.
     """
     return _read_mrc(path, mmap=mmap, what="volume", override_A=voxel_size_A)
 
@@ -127,7 +129,7 @@ def _read_mrc(
     path: str | os.PathLike, *, mmap: bool, what: str, override_A: float | None
 ) -> tuple[np.ndarray, float]:
     name = os.fspath(path)
-    _check_readable_file(name, "an MRC file")
+    check_file(name, "an MRC file")
     opener = mrcfile.mmap if mmap else mrcfile.open
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -183,18 +185,24 @@ def _read_mrc(
             raise FileFormatError(
                 f"{name}: {what} {sections[:-1]} {i} (0-based) contains {kind} values; expected finite data"
             )
-    return out, _pixel_size(name, header, override_A)
+    return out, _pixel_size(name, header, override_A, volume=what == "volume")
 
 
-def _pixel_size(name: str, header: np.recarray, override_A: float | None) -> float:
-    """Square pixel size from the header, or the caller's override."""
+def _pixel_size(name: str, header: np.recarray, override_A: float | None, *, volume: bool) -> float:
+    """Pixel size from the header, or the caller's override.
+
+    A tilt series needs square pixels (its z cell size is the view spacing and
+    is not read); a volume needs cubic voxels.
+    """
+    argument = "voxel_size_A" if volume else "pixel_size_A"
     if override_A is not None:
         value = float(override_A)
         if not (np.isfinite(value) and value > 0):
-            raise ValueError(f"pixel_size_A: expected a positive number, got {override_A!r}")
+            raise ValueError(f"{argument}: expected a positive number, got {override_A!r}")
         return value
+    axes = (("x", header.cella.x, header.mx), ("y", header.cella.y, header.my), ("z", header.cella.z, header.mz))
     sizes = []
-    for axis, cell, n in (("x", header.cella.x, header.mx), ("y", header.cella.y, header.my)):
+    for axis, cell, n in axes[: 3 if volume else 2]:
         n = int(n)
         cell = float(cell)
         size = cell / n if n > 0 else 0.0
@@ -202,24 +210,23 @@ def _pixel_size(name: str, header: np.recarray, override_A: float | None) -> flo
             raise FileFormatError(
                 f"{name}: header voxel_size.{axis} (cella.{axis} / m{axis} = {cell!r} / {n}): found {size!r}, "
                 "expected a positive pixel size in Å. The pixel size is unset; set it in the file "
-                "(mrcfile: mrc.voxel_size = 8.0; IMOD: alterheader -del 8,8,8) or pass pixel_size_A=..."
+                f"(mrcfile: mrc.voxel_size = 8.0; IMOD: alterheader -del 8,8,8) or pass {argument}=..."
             )
         # cella is float32: rounding to 6 significant digits recovers the
         # decimal value that was written (float32 holds ~7.2 digits).
         sizes.append(float(f"{size:.6g}"))
+    if volume and not sizes[0] == sizes[1] == sizes[2]:
+        x, y, z = sizes
+        raise FileFormatError(
+            f"{name}: header voxel size x={x:g}, y={y:g}, z={z:g} Å; expected cubic voxels; "
+            "pass voxel_size_A=... to override"
+        )
     if sizes[0] != sizes[1]:
         raise FileFormatError(
             f"{name}: header voxel_size: found x = {sizes[0]} Å, y = {sizes[1]} Å, expected square pixels; "
             "pass pixel_size_A=... to override"
         )
     return sizes[0]
-
-
-def _check_readable_file(name: str, expected: str) -> None:
-    if not os.path.exists(name):
-        raise FileFormatError(f"{name}: no such file, expected {expected}")
-    if os.path.isdir(name):
-        raise FileFormatError(f"{name}: is a directory, expected {expected}")
 
 
 def _diagnose(name: str) -> str:
@@ -257,21 +264,6 @@ def _diagnose(name: str) -> str:
 # ----------------------------------------------------------------------------
 
 
-def _temporary_path(target: Path) -> Path:
-    """A fresh hidden name beside ``target``, so os.replace stays on one file system."""
-    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-
-
-def _check_size_A(value: float, argument: str) -> float:
-    try:
-        size = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{argument}: expected a positive number of Å, got {value!r}") from None
-    if not (np.isfinite(size) and size > 0):
-        raise ValueError(f"{argument}: expected a positive number of Å, got {value!r}")
-    return size
-
-
 class _MrcWriter:
     """Section-by-section float32 MRC writer behind :class:`StackWriter`, write_stack and write_volume."""
 
@@ -295,10 +287,15 @@ class _MrcWriter:
             )
         if n < 1:
             raise ValueError(f"shape: expected at least 1 section, got {n}")
-        size = _check_size_A(size_A, size_argument)
+        try:
+            size = float(size_A)
+        except (TypeError, ValueError):
+            size = np.nan
+        if not (np.isfinite(size) and size > 0):
+            raise ValueError(f"{size_argument}: expected a positive number of Å, got {size_A!r}")
         self.path = Path(path)
         self.shape = (n, h, w)
-        self._tmp = _temporary_path(self.path)
+        self._tmp = temporary_path(self.path)
         self._written = np.zeros(n, dtype=bool)
         # Per-section statistics, combined in index order at close so that the
         # header does not depend on the order the sections were written in.
@@ -390,14 +387,11 @@ class _MrcWriter:
         """Discard the temporary file; the target is left untouched."""
         self._closed = True
         if self._mrc is not None:
-            try:
+            # Already closed or half-open: the file is removed anyway.
+            with contextlib.suppress(Exception):
                 self._mrc.close()
-            except Exception:  # already closed or half-open: the file is removed anyway
-                pass
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp)
-        except FileNotFoundError:
-            pass
 
 
 class StackWriter:

@@ -6,19 +6,15 @@ DESIGN.md section 3); a positive tilt turns the specimen as ``R_y(theta)`` does.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 
 from simtomo.errors import FileFormatError
-from simtomo.io.geometry_json import _write_text_atomic
+from simtomo.io._json import read_text, write_text_atomic
 
 __all__ = ["read_rawtlt", "write_rawtlt"]
-
-logger = logging.getLogger(__name__)
 
 
 def read_rawtlt(path: str | os.PathLike, n_views: int | None = None) -> np.ndarray:
@@ -46,16 +42,7 @@ def read_rawtlt(path: str | os.PathLike, n_views: int | None = None) -> np.ndarr
         ``n_views`` (both counts are given).
     """
     name = os.fspath(path)
-    if not os.path.exists(name):
-        raise FileFormatError(f"{name}: no such file, expected a .rawtlt file of tilt angles")
-    if os.path.isdir(name):
-        raise FileFormatError(f"{name}: is a directory, expected a .rawtlt file of tilt angles")
-    try:
-        text = Path(name).read_bytes().decode("utf-8")
-    except OSError as err:
-        raise FileFormatError(f"{name}: cannot read: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise FileFormatError(f"{name}: not UTF-8 text (byte {err.start}), expected one tilt angle per line") from None
+    text = read_text(name, "a .rawtlt file of tilt angles", expected_text="one tilt angle per line")
     angles = []
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
@@ -82,16 +69,6 @@ def read_rawtlt(path: str | os.PathLike, n_views: int | None = None) -> np.ndarr
     return np.array(angles, dtype=float)
 
 
-def _format_angle(value: float) -> str:
-    """The shortest decimal text that reads back as exactly ``value`` (no exponent).
-
-    ``-60.0 -> "-60"``, ``1.5 -> "1.5"``, ``0.333 -> "0.333"``.
-    """
-    # unique=True picks the shortest digit string that round-trips; positional
-    # notation keeps the file readable by any tilt-file parser.
-    return np.format_float_positional(np.float64(value), unique=True, trim="-")
-
-
 def write_rawtlt(path: str | os.PathLike, tilt_deg: np.ndarray) -> None:
     """Write nominal tilt angles, one per line, atomically.
 
@@ -115,4 +92,7 @@ def write_rawtlt(path: str | os.PathLike, tilt_deg: np.ndarray) -> None:
     bad = np.flatnonzero(~(np.abs(tilt) < 90))
     if bad.size:
         raise ValueError(f"tilt_deg: entry {int(bad[0])} is {tilt[bad[0]]!r}, expected a finite angle with |angle| < 90")
-    _write_text_atomic(path, "".join(_format_angle(v) + "\n" for v in tilt))
+    # The shortest decimal text that reads back as exactly each angle
+    # (unique=True), positional so any tilt-file parser reads it:
+    # -60.0 -> "-60", 1.5 -> "1.5", 0.333 -> "0.333".
+    write_text_atomic(path, "".join(np.format_float_positional(v, unique=True, trim="-") + "\n" for v in tilt))

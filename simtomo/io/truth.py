@@ -23,7 +23,6 @@ Only scoring reads this file; aligners get an Observation (the truth barrier).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from collections.abc import Mapping
@@ -34,27 +33,28 @@ import numpy as np
 
 from simtomo.errors import ConfigError, FileFormatError
 from simtomo.geometry import Geometry
+from simtomo.io._json import (
+    bad_number,
+    check_json_value,
+    dumps_document,
+    is_int,
+    json_type,
+    load_json,
+    number_list,
+    raise_problems,
+    row_list,
+    show,
+    write_text_atomic,
+)
 from simtomo.io.geometry_json import (
     GEOMETRY_KEYS,
-    _bad_number,
     _build_geometry,
     _check_document,
-    _check_json_value,
-    _dumps_document,
     _geometry_fields,
-    _json_type,
-    _load_json,
-    _number_list,
-    _raise_problems,
-    _row_list,
-    _show,
-    _write_text_atomic,
     geometry_to_dict,
 )
 
 __all__ = ["Truth", "TRUTH_KEYS", "write_truth", "read_truth"]
-
-logger = logging.getLogger(__name__)
 
 #: Keys a truth file holds beyond the geometry schema, in the order written.
 TRUTH_KEYS = (
@@ -213,20 +213,19 @@ def write_truth(path: str | os.PathLike, truth: Truth) -> None:
     """
     if not isinstance(truth, Truth):
         raise TypeError(f"truth: expected a simtomo.io.truth.Truth, got {type(truth).__name__}")
-    _check_json_value(dict(truth.config), "Truth.config")
-    _check_json_value(truth.simtomo_version, "Truth.simtomo_version")
+    check_json_value(dict(truth.config), "Truth.config")
     document = geometry_to_dict(truth.geometry)
     document.update(
         beads_px=truth.beads_px.tolist(),
         nominal_tilt_deg=truth.nominal_tilt_deg.tolist(),
         acquisition_order=truth.acquisition_order.tolist(),
         dose_e_per_A2=truth.dose_e_per_A2.tolist(),
-        nominal_tilt_axis_deg=float(truth.nominal_tilt_axis_deg),
-        seed=int(truth.seed),
+        nominal_tilt_axis_deg=truth.nominal_tilt_axis_deg,
+        seed=truth.seed,
         simtomo_version=truth.simtomo_version,
         config=dict(truth.config),
     )
-    _write_text_atomic(path, _dumps_document(document))
+    write_text_atomic(path, dumps_document(document))
 
 
 def read_truth(path: str | os.PathLike) -> Truth:
@@ -255,7 +254,7 @@ def read_truth(path: str | os.PathLike) -> Truth:
         and name the key.
     """
     name = os.fspath(path)
-    data = _load_json(name)
+    data = load_json(name)
     _check_document(data, name, (), kind="truth")
     missing = [k for k in GEOMETRY_KEYS + TRUTH_KEYS if k not in data]
     if missing:
@@ -266,42 +265,37 @@ def read_truth(path: str | os.PathLike) -> Truth:
 
     problems: list[str] = []
     fields = _geometry_fields(data, problems)
-    n = fields["tilt_deg"].shape[0] if fields is not None else None
-    if n is None and isinstance(data["tilt_deg"], list) and data["tilt_deg"]:
-        n = len(data["tilt_deg"])
-    beads = _row_list(data, "beads_px", problems, width=3, what="[x, y, z] triples")
-    nominal = _number_list(data, "nominal_tilt_deg", problems, n=n)
+    # The number of views, also when other geometry keys are wrong.
+    n = len(data["tilt_deg"]) if isinstance(data["tilt_deg"], list) and data["tilt_deg"] else None
+    beads = row_list(data, "beads_px", problems, width=3, what="[x, y, z] triples")
+    nominal = number_list(data, "nominal_tilt_deg", problems, n=n)
     if nominal is not None and np.any(np.abs(nominal) >= 90):
         i = int(np.flatnonzero(np.abs(nominal) >= 90)[0])
         problems.append(f"key 'nominal_tilt_deg': entry {i} is {nominal[i]!r}, expected |angle| < 90")
     order = data["acquisition_order"]
-    if not isinstance(order, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in order):
-        bad = order if not isinstance(order, list) else next(
-            v for v in order if not isinstance(v, int) or isinstance(v, bool)
-        )
-        problems.append(f"key 'acquisition_order': found {_show(bad)} ({_json_type(bad)}), expected a list of view indices")
+    if not isinstance(order, list) or not all(is_int(v) for v in order):
+        bad = order if not isinstance(order, list) else next(v for v in order if not is_int(v))
+        problems.append(f"key 'acquisition_order': found {show(bad)} ({json_type(bad)}), expected a list of view indices")
     elif n is not None and len(order) != n:
         problems.append(f"key 'acquisition_order': {len(order)} entries, but 'tilt_deg' has {n} (expected one per view)")
     elif n is not None and sorted(order) != list(range(n)):
         problems.append(f"key 'acquisition_order': {_permutation_problem(order, n)}")
-    dose = _number_list(data, "dose_e_per_A2", problems, n=n)
+    dose = number_list(data, "dose_e_per_A2", problems, n=n)
     if dose is not None and np.any(dose < 0):
         i = int(np.flatnonzero(dose < 0)[0])
         problems.append(f"key 'dose_e_per_A2': entry {i} is {dose[i]!r}, expected a non-negative dose")
-    why = _bad_number(data["nominal_tilt_axis_deg"])
+    why = bad_number(data["nominal_tilt_axis_deg"])
     if why is not None:
         problems.append(f"key 'nominal_tilt_axis_deg': found {why} (degrees)")
     seed = data["seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        problems.append(f"key 'seed': found {_show(seed)} ({_json_type(seed)}), expected a non-negative integer")
+    if not is_int(seed) or seed < 0:
+        problems.append(f"key 'seed': found {show(seed)} ({json_type(seed)}), expected a non-negative integer")
     if not isinstance(data["config"], dict):
-        problems.append(f"key 'config': found {_json_type(data['config'])}, expected an object")
-    if not isinstance(data["simtomo_version"], str):
-        problems.append(
-            f"key 'simtomo_version': found {_show(data['simtomo_version'])} "
-            f"({_json_type(data['simtomo_version'])}), expected a string"
-        )
-    _raise_problems(name, problems)
+        problems.append(f"key 'config': found {json_type(data['config'])}, expected an object")
+    version = data["simtomo_version"]
+    if not isinstance(version, str):
+        problems.append(f"key 'simtomo_version': found {show(version)} ({json_type(version)}), expected a string")
+    raise_problems(name, problems)
 
     geometry = _build_geometry(fields, name)
     try:
@@ -314,7 +308,7 @@ def read_truth(path: str | os.PathLike) -> Truth:
             nominal_tilt_axis_deg=float(data["nominal_tilt_axis_deg"]),
             seed=seed,
             config=data["config"],
-            simtomo_version=data["simtomo_version"],
+            simtomo_version=version,
         )
     except ConfigError as err:
         # The checks above mirror Truth's; this keeps the file in the message
