@@ -209,7 +209,7 @@ class BeadConfig(_Section):
 
 @dataclass(frozen=True)
 class ContentConfig(_Section):
-    """Cellular content, per field of view (scaled to the larger region that high tilts see)."""
+    """Cellular content: mean counts per field of view, drawn over every region a view can see."""
 
     _name = "content"
 

@@ -151,9 +151,13 @@ def _staged(out_dir: str | Path, name: str):
     try:
         yield staging, final
         for kind, path in staging.items():
+            target = out / path.name
             if path.exists():
-                os.replace(path, out / path.name)
-                final[kind] = out / path.name
+                os.replace(path, target)
+                final[kind] = target
+            else:
+                # an output of an earlier run that this run did not make would not belong to it
+                target.unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
 

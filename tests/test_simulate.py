@@ -106,6 +106,13 @@ def test_a_failed_run_leaves_earlier_results_intact(tmp_path, monkeypatch):
     assert {p.name: digest(p) for p in tmp_path.iterdir()} == before  # no staging folder left either
 
 
+def test_outputs_of_a_run_are_exactly_that_runs(tmp_path):
+    simtomo.simulate_to_files("tiny", 0, tmp_path, phantom_bin=4)
+    assert (tmp_path / "tiny.phantom.mrc").exists()
+    simtomo.simulate_to_files("tiny", 1, tmp_path)  # no phantom this time
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.config.toml", "tiny.mrc", "tiny.rawtlt", "tiny.truth.json"]
+
+
 @pytest.mark.parametrize("name", ["a/b", ".hidden", "..", "x\\y"])
 def test_output_names_must_be_plain_file_names(tmp_path, name):
     with pytest.raises(ConfigError, match="output name: expected a plain file name"):
