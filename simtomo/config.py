@@ -274,9 +274,10 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str), "name", "a string", self.name)
-        for f in fields(self):
-            if f.name != "name" and not isinstance(getattr(self, f.name), f.default_factory().__class__):
-                raise ConfigError(f"{f.name}: expected a {f.default_factory().__class__.__name__}, got {getattr(self, f.name)!r}")
+        hints = get_type_hints(type(self))
+        for section in SECTIONS:
+            if not isinstance(getattr(self, section), hints[section]):
+                raise ConfigError(f"{section}: expected a {hints[section].__name__}, got {getattr(self, section)!r}")
         thickness = self.specimen.thickness_nm
         if self.beads.count > 0:
             _require(

@@ -24,6 +24,7 @@ from simtomo.config import DetectorConfig, OpticsConfig
 
 __all__ = [
     "electron_wavelength_A",
+    "phase_per_px",
     "ctf",
     "frequency_grid",
     "expected_counts",
@@ -35,6 +36,11 @@ def electron_wavelength_A(voltage_kV: float) -> float:
     """Relativistic electron wavelength in Å for an acceleration voltage in kV."""
     v = voltage_kV * 1e3
     return 12.2643 / np.sqrt(v * (1.0 + 0.978476e-6 * v))
+
+
+def phase_per_px(config) -> float:
+    """Phase shift per pixel of protein-density path, radians (``specimen.phase_per_nm`` at the pixel size)."""
+    return config.specimen.phase_per_nm * config.detector.pixel_size_A / 10.0
 
 
 def frequency_grid(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import simtomo
 from simtomo.config import SimulationConfig, config_to_dict, config_to_toml, preset
 from simtomo.errors import ConfigError, FileFormatError
 from simtomo.geometry import Geometry
-from simtomo.imaging import add_noise, ctf, expected_counts
+from simtomo.imaging import add_noise, ctf, expected_counts, phase_per_px
 from simtomo.io import StackWriter, Truth, read_stack, read_volume, write_rawtlt, write_stack, write_truth, write_volume
 from simtomo.misalignment import simulate_misalignment
 from simtomo.observation import Observation
@@ -232,7 +232,7 @@ def _render_views(cfg, scheme, mis, specimen, view_seeds, sink, workers: int | N
     geometry = mis.geometry
     n = geometry.n_views
     ice = specimen.ice_path_px(geometry.tilt_deg)
-    phase_per_px = cfg.specimen.phase_per_nm * cfg.detector.pixel_size_A / 10.0
+    phase = phase_per_px(cfg)
     transfer = ctf(cfg.detector.image_shape, cfg.detector.pixel_size_A, cfg.optics) if cfg.optics.ctf else None
 
     def render(i: int) -> np.ndarray:
@@ -247,7 +247,7 @@ def _render_views(cfg, scheme, mis, specimen, view_seeds, sink, workers: int | N
             dose_e_per_A2=float(scheme.dose_e_per_A2[i]),
             mag=float(geometry.mag[i]),
             ice_path_px=float(ice[i]),
-            phase_per_px=phase_per_px,
+            phase_per_px=phase,
             detector=cfg.detector,
             optics=cfg.optics,
             motion_px=mis.motion_px[i],

@@ -197,8 +197,7 @@ class Specimen:
         The beam runs along ``R_y(theta)^T e_z`` in specimen coordinates, so
         the path is ``thickness / |n . d|``: it grows as 1/cos(tilt) for a flat slab.
         """
-        t = np.deg2rad(np.asarray(tilt_deg, dtype=float))
-        beam = np.stack([-np.sin(t), np.zeros_like(t), np.cos(t)], axis=-1)
+        beam = rotation_y(np.asarray(tilt_deg, dtype=float))[..., 2, :]  # R_y^T e_z is row 2 of R_y
         return self.thickness_px / np.abs(beam @ self.slab_normal)
 
 

@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from simtomo.config import SimulationConfig
 from simtomo.errors import ConfigError
+from simtomo.imaging import phase_per_px
 from simtomo.projector import GAUSSIAN_CUTOFF_SIGMA, _erf_weights
 from simtomo.specimen import Gaussians, Shells, Specimen, VoxelPhantom
 
@@ -140,7 +141,7 @@ def phantom_volume(specimen: Specimen, config: SimulationConfig, *, binning: int
         raise ConfigError(f"phantom binning: expected an integer >= 1, got {binning!r}")
     shape = phantom_shape(specimen, config, binning)
     vol = np.zeros(shape, dtype=dtype)
-    phase = 2.0 * config.specimen.phase_per_nm * config.detector.pixel_size_A / 10.0
+    phase = 2.0 * phase_per_px(config)  # the weak-phase image is exp(-2 phi c), simtomo.imaging
     voxelize_shells(vol, specimen.gold, binning=binning)
     voxelize_shells(vol, specimen.shells, binning=binning, scale=phase)
     voxelize_gaussians(vol, specimen.gaussians, binning=binning, scale=phase)
