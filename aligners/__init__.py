@@ -1,8 +1,15 @@
-"""Alignment methods under test.
+"""Alignment methods under test, found through the ``simtomo.aligners`` entry points.
 
-Each aligner is one module here and registers through the ``simtomo.aligners``
-entry-point group, exactly as a third-party package would. The registry and the
-first aligners arrive with the fiducial-alignment work.
+>>> import aligners
+>>> "nominal" in aligners.available()
+True
+>>> aligner = aligners.get("nominal")
+
+Every aligner takes an :class:`simtomo.Observation` and returns an
+:class:`simtomo.alignment.AlignmentResult`; third-party packages register
+theirs under the same entry-point group (see :mod:`simtomo.registry`).
 """
 
-__all__: list[str] = []
+from simtomo.registry import available, describe, get
+
+__all__ = ["available", "get", "describe"]

@@ -13,3 +13,7 @@ class ConfigError(SimtomoError, ValueError):
 
 class FileFormatError(SimtomoError, ValueError):
     """A file is missing, unreadable, or does not hold what its format requires."""
+
+
+class AlignmentError(SimtomoError):
+    """An aligner cannot produce a trustworthy geometry from these images (too few beads, no correlation)."""
