@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 import simtomo
-from simtomo.config import SimulationConfig, config_to_dict, config_to_toml, preset
+from simtomo.config import SimulationConfig, config_from_dict, config_to_dict, config_to_toml, preset
 from simtomo.errors import ConfigError, FileFormatError
 from simtomo.geometry import Geometry
 from simtomo.imaging import add_noise, ctf, expected_counts, phase_per_px
@@ -36,7 +36,7 @@ from simtomo.specimen import Specimen, VoxelPhantom, make_specimen
 from simtomo.tiltscheme import TiltScheme, make_tilt_scheme
 from simtomo.voxelize import phantom_volume
 
-__all__ = ["TiltSeries", "simulate", "simulate_to_files"]
+__all__ = ["TiltSeries", "simulate", "simulate_to_files", "truth_phantom"]
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +213,7 @@ def _prepare(config: SimulationConfig | str, seed: int):
         raise ConfigError(f"simulate: expected a SimulationConfig or a preset name, got {type(config).__name__}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"simulate: seed must be a non-negative integer, got {seed!r}")
-    seq = np.random.SeedSequence(int(seed))
-    geom_seq, specimen_seq, noise_seq = seq.spawn(3)
+    geom_seq, specimen_seq, noise_seq = _seed_streams(seed)
     scheme = make_tilt_scheme(cfg.tilt)
     mis = simulate_misalignment(
         cfg.misalignment,
@@ -225,6 +224,22 @@ def _prepare(config: SimulationConfig | str, seed: int):
     )
     specimen = make_specimen(cfg, specimen_seq, scheme.tilt_deg.size, voxels=_load_voxels(cfg))
     return cfg, scheme, mis, specimen, noise_seq.spawn(scheme.tilt_deg.size)
+
+
+def _seed_streams(seed: int) -> list[np.random.SeedSequence]:
+    """The independent streams of a simulation: geometry, specimen, noise."""
+    return np.random.SeedSequence(int(seed)).spawn(3)
+
+
+def truth_phantom(truth: Truth, *, binning: int = 1) -> np.ndarray:
+    """The noise-free phantom volume of a simulated series, rebuilt from its truth file's config and seed.
+
+    Scoring uses it as the reference of the FSC; it is the volume
+    ``TiltSeries.phantom(binning=binning)`` gave when the series was made.
+    """
+    cfg = config_from_dict(truth.config, source="truth config")
+    specimen = make_specimen(cfg, _seed_streams(truth.seed)[1], truth.n_views, voxels=_load_voxels(cfg))
+    return phantom_volume(specimen, cfg, binning=binning)
 
 
 def _render_views(cfg, scheme, mis, specimen, view_seeds, sink, workers: int | None) -> None:

@@ -6,6 +6,8 @@
 - ``NAME.rawtlt``: nominal tilt angles, one per line. :func:`read_rawtlt`, :func:`write_rawtlt`.
 - ``NAME.geometry.json``: a geometry (an alignment, or the truth's). :func:`read_geometry`,
   :func:`write_geometry`, :func:`geometry_to_dict`, :func:`geometry_from_dict`.
+- alignments: a geometry file plus the aligner's report. :func:`read_alignment`,
+  :func:`write_alignment`, :func:`write_residual_table`.
 - ``NAME.truth.json``: the ground truth of a simulated series. :class:`Truth`,
   :func:`read_truth`, :func:`write_truth`.
 
@@ -14,6 +16,7 @@ the field or key, what was found and what was expected. Writers replace the targ
 atomically (temporary file beside it, then rename) and are deterministic.
 """
 
+from simtomo.io.alignment_json import read_alignment, write_alignment, write_residual_table
 from simtomo.io.geometry_json import (
     GEOMETRY_FORMAT,
     geometry_from_dict,
@@ -31,14 +34,17 @@ __all__ = [
     "Truth",
     "geometry_from_dict",
     "geometry_to_dict",
+    "read_alignment",
     "read_geometry",
     "read_rawtlt",
     "read_stack",
     "read_truth",
     "read_volume",
+    "write_alignment",
     "write_geometry",
     "write_rawtlt",
     "write_stack",
     "write_truth",
+    "write_residual_table",
     "write_volume",
 ]
