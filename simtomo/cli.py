@@ -202,6 +202,8 @@ def _parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("aligners", help="list the registered aligners and their parameters")
     lst.set_defaults(func=_aligners)
+    from simtomo.cli_experiments import add_subcommands
+    add_subcommands(sub)
     return parser
 
 
