@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 import simtomo
 from simtomo.figures import save
 from simtomo.resolution import predicted_transfer
-from simtomo.score import score
+from simtomo.score import score, scoring_reference
 
 log = logging.getLogger("yardstick")
 
@@ -36,12 +36,13 @@ def run(preset: str, seed: int, sigmas: tuple[float, ...], binning: int):
     series = simtomo.simulate(preset, seed=seed)
     truth = series.truth()
     rng = np.random.default_rng(seed + 1000)
+    reference = scoring_reference(truth, series.stack, binning=binning)
     results = []
     for sigma in sigmas:
         start = time.perf_counter()
         shifts = rng.normal(0.0, sigma, (truth.n_views, 2))
         estimate = truth.geometry.replace(shift_px=truth.geometry.shift_px + shifts)
-        s = score(truth, estimate, series.stack, binning=binning, name=f"sigma {sigma} px")
+        s = score(truth, estimate, series.stack, reference=reference, name=f"sigma {sigma} px")
         results.append((sigma, float(np.sqrt(np.mean(shifts**2))), s))
         log.info("sigma %.2f px: error %.3f px, resolution %.1f A, %.1f s", sigma, s.alignment_error_rms_px, s.resolution_A, time.perf_counter() - start)
     return series, results

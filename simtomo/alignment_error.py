@@ -95,6 +95,19 @@ def gauge_jacobian(geometry: Geometry, points: np.ndarray, gauge: Similarity | N
     return np.concatenate([d_rot, d_shift, d_scale], axis=-1)
 
 
+def _least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solve ``min |a x - b|`` for a tall, well-conditioned ``a`` (k <= 12 columns) by normal equations.
+
+    ``einsum`` keeps the products off threaded BLAS, which stalls on a busy
+    machine for matrices this thin; columns are scaled first for conditioning.
+    """
+    scale = np.sqrt(np.einsum("ij,ij->j", a, a))
+    scale[scale == 0] = 1.0
+    a = a / scale
+    normal = np.einsum("ij,ik->jk", a, a)
+    return np.linalg.solve(normal, np.einsum("ij,i->j", a, b)) / scale
+
+
 def _fit_gauge(estimated: Geometry, target: np.ndarray, grid: np.ndarray) -> Similarity:
     """Least-squares ``G`` with ``p_est(G X_k) ~ target``: an affine start, then Gauss-Newton on the similarity."""
     m, c = projection_model(estimated)
@@ -104,7 +117,7 @@ def _fit_gauge(estimated: Geometry, target: np.ndarray, grid: np.ndarray) -> Sim
         [np.einsum("nab,kc->nkabc", m, grid).reshape(n, k, 2, 9), np.broadcast_to(m[:, None], (n, k, 2, 3))], axis=-1
     ).reshape(-1, 12)
     rhs = (target - c[:, None, :]).reshape(-1)
-    sol = np.linalg.lstsq(design, rhs, rcond=None)[0]
+    sol = _least_squares(design, rhs)
     u, s, vt = np.linalg.svd(sol[:9].reshape(3, 3))
     rot = u @ vt
     if np.linalg.det(rot) < 0:  # the nearest proper rotation; a mirrored estimate stays visibly wrong
@@ -114,7 +127,7 @@ def _fit_gauge(estimated: Geometry, target: np.ndarray, grid: np.ndarray) -> Sim
     for _ in range(50):
         resid = (estimated.project(gauge.apply(grid)) - target).reshape(-1)
         jac = gauge_jacobian(estimated, grid, gauge).reshape(-1, 7)
-        step = np.linalg.lstsq(jac, -resid, rcond=None)[0]
+        step = _least_squares(jac, -resid)
         rot_step = Similarity.from_params(np.concatenate([step[:3], np.zeros(3), [step[6]]]))
         gauge = Similarity(
             scale=gauge.scale * rot_step.scale,
