@@ -21,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 import simtomo
 from simtomo.figures import save
+from simtomo.report import predicted_resolution_A
 from simtomo.resolution import predicted_transfer
 from simtomo.score import score, scoring_reference
 
@@ -70,15 +72,19 @@ def resolution_figure(results, pixel_size_A: float) -> Figure:
     ax = fig.add_subplot()
     err = np.array([s.alignment_error_rms_px for _, _, s in results])
     res = np.array([s.resolution_A for _, _, s in results])
+    ref = results[0][2].fsc_true_geometry
     true_res = results[0][2].resolution_true_geometry_A
-    ax.plot(err, res, "o-", label="measured (FSC 0.5 vs phantom)")
+    ax.plot(err, res, "o", label="measured (FSC 0.5 vs phantom)")
     ax.axhline(true_res, color="k", ls=":", label=f"true geometry: {true_res:.1f} Å")
-    # theory: the period where the alignment envelope alone falls to 0.5 (sigma per axis = error / sqrt 2)
-    e = np.linspace(max(err.min() * 0.8, 0.05), err.max() * 1.2, 100)
-    k_half = np.sqrt(math.log(2) / (2 * math.pi**2)) / (e / math.sqrt(2))
-    ax.plot(e, pixel_size_A / k_half, "--", color="0.4", label="envelope exp(−2π²σ²k²) = 0.5")
+    # theory: the true-geometry FSC times the alignment envelope exp(-pi^2 e^2 k^2) crossing 0.5
+    e = np.geomspace(0.1, err.max() * 1.3, 80)
+    theory = predicted_resolution_A(e, ref.frequency_per_px, ref.values, ref.n_voxels, ref.nyquist_per_px, pixel_size_A)
+    ax.plot(e, theory, "--", color="0.4", label="theory: FSC_true(k) exp(−π²e²k²) = 0.5")
     ax.set_xscale("log")
-    ax.set_xlabel("alignment error (px RMS)")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([0.1, 0.25, 0.5, 1, 2, 4, 8])
+    ax.set_xlabel("alignment error e (px RMS)")
     ax.set_ylabel("resolution (Å)")
     ax.set_title("Resolution against alignment error")
     ax.legend(frameon=False, fontsize=8)
@@ -102,13 +108,13 @@ def main() -> None:
         t = s.transfer
         theory = predicted_transfer(t.frequency_per_px, s.transfer_sigma_px)
         ok = theory > 0.1
-        dev = np.max(np.abs(t.values[ok] - theory[ok]) / theory[ok]) if ok.any() else math.nan
+        dev = np.max(np.abs(t.values[ok] - theory[ok])) if ok.any() else math.nan
         rows.append({
             "sigma_px": sigma,
             "realised_shift_rms_per_axis_px": realised,
             "alignment_error_rms_px": s.alignment_error_rms_px,
             "transfer_sigma_px": s.transfer_sigma_px,
-            "max_rel_transfer_deviation_where_theory_gt_0.1": dev,
+            "max_abs_transfer_deviation_where_theory_gt_0.1": dev,
             "resolution_A": s.resolution_A,
             "resolution_true_geometry_A": s.resolution_true_geometry_A,
             "resolution_loss_A": s.resolution_loss_A,
@@ -134,25 +140,39 @@ def main() -> None:
         "",
         "![resolution](resolution.png)",
         "",
-        table.to_markdown(index=False, floatfmt=".3g") if _has_tabulate() else "```\n" + table.to_string(index=False) + "\n```",
+        _markdown_table(rows, s0),
         "",
-        "Reading the table: the alignment error is the gauge-free error of DESIGN.md section 5 (2-D RMS, so about "
-        "√2 σ); the transfer theory uses σ = error/√2. `max_rel_transfer_deviation` is the largest relative "
-        "difference between measured and predicted transfer over the shells where the prediction exceeds 0.1; "
-        "with 61 views each shell averages only 61 random phases, so a few per cent is the expected scatter. "
-        "Resolution is the period where the FSC against the noise-free phantom (inside the measured wedge) crosses 0.5.",
+        "Reading it: the alignment error is the gauge-free error of DESIGN.md section 5, a 2-D RMS, so about √2 σ; "
+        "the transfer theory uses σ = error/√2. Resolution is the period where the FSC against the noise-free "
+        "phantom, inside the measured wedge, crosses 0.5; the theory curve is the true-geometry FSC times the "
+        "envelope exp(−π²e²k²). The measured transfer follows the envelope; two things make it differ. "
+        "(1) One realisation: each shell averages cos(2πk·d) over only 61 views, a scatter of about 0.7/√61 ≈ 0.09 "
+        "where the envelope is small (the |T − theory| column). Averaged over realisations — views blurred by the "
+        "Gaussian the shifts average to — it agrees within 10 % below 0.75 × Nyquist (tests/test_score.py). "
+        "(2) Near the binned Nyquist frequency the estimate loses a few per cent more than theory: views resampled "
+        "at random sub-pixel offsets are low-passed by the interpolation. Sub-pixel errors cost little here because "
+        "the true-geometry resolution is set by the tilt increment (Crowther) and the dose, not by alignment; from "
+        "about 1 px RMS on, alignment error dominates.",
         "",
         f"Made by `python scripts/yardstick.py --out {args.out}` in {time.perf_counter() - started:.0f} s (simtomo {simtomo.__version__}).",
     ]
     (args.out / "yardstick.md").write_text("\n".join(md) + "\n")
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _markdown_table(rows, reference) -> str:
+    fw = reference.bead_fwhm_true_geometry_px
+    lines = [
+        "| σ per axis (px) | alignment error (px RMS) | resolution (Å) | loss (Å) | bead FWHM x, y, z (px) | max abs(T − theory) where theory > 0.1 |",
+        "|---:|---:|---:|---:|---|---:|",
+        f"| 0 (true geometry) | 0 | {reference.resolution_true_geometry_A:.1f} | 0 | {fw[0]:.2f}, {fw[1]:.2f}, {fw[2]:.2f} | – |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sigma_px']:g} | {r['alignment_error_rms_px']:.3f} | {r['resolution_A']:.1f} | {r['resolution_loss_A']:.1f} | "
+            f"{r['bead_fwhm_x_px']:.2f}, {r['bead_fwhm_y_px']:.2f}, {r['bead_fwhm_z_px']:.2f} | "
+            f"{r['max_abs_transfer_deviation_where_theory_gt_0.1']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -266,7 +266,8 @@ def scoring_reference(truth: Truth, stack: np.ndarray, *, binning: int = 2, meth
     stack = np.asarray(stack)
     _check(truth, truth.geometry, stack)
     _check_binning(binning)
-    phantom = truth_phantom(truth, binning=binning)
+    # room above and below the slab: the beads sit on its surfaces, and the mask's taper must fall in empty ice
+    phantom = truth_phantom(truth, binning=binning, z_margin_px=8 * binning + _bead_diameter_px(truth))
     shape = phantom.shape
     projections = log_intensity(stack)
     t0 = time.perf_counter()
@@ -327,6 +328,13 @@ def _image_scores(truth: Truth, geometry: Geometry, gauge, ref: ScoringReference
                 beads_fitted=int(both.sum()),
             )
     return out
+
+
+def _bead_diameter_px(truth: Truth) -> float:
+    try:
+        return float(truth.config["beads"]["diameter_nm"]) * 10.0 / truth.geometry.pixel_size_A
+    except (KeyError, TypeError, ValueError):
+        return 0.0
 
 
 def _check_binning(binning) -> None:

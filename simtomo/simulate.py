@@ -231,7 +231,7 @@ def _seed_streams(seed: int) -> list[np.random.SeedSequence]:
     return np.random.SeedSequence(int(seed)).spawn(3)
 
 
-def truth_phantom(truth: Truth, *, binning: int = 1) -> np.ndarray:
+def truth_phantom(truth: Truth, *, binning: int = 1, z_margin_px: float = 0.0) -> np.ndarray:
     """The noise-free phantom volume of a simulated series, rebuilt from its truth file's config and seed.
 
     Scoring uses it as the reference of the FSC; it is the volume
@@ -239,7 +239,7 @@ def truth_phantom(truth: Truth, *, binning: int = 1) -> np.ndarray:
     """
     cfg = config_from_dict(truth.config, source="truth config")
     specimen = make_specimen(cfg, _seed_streams(truth.seed)[1], truth.n_views, voxels=_load_voxels(cfg))
-    return phantom_volume(specimen, cfg, binning=binning)
+    return phantom_volume(specimen, cfg, binning=binning, z_margin_px=z_margin_px)
 
 
 def _render_views(cfg, scheme, mis, specimen, view_seeds, sink, workers: int | None) -> None:

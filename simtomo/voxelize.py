@@ -112,15 +112,24 @@ def voxelize_shells(vol: np.ndarray, shells: Shells, *, binning: int = 1, scale:
     )
 
 
-def phantom_shape(specimen: Specimen, config: SimulationConfig, binning: int = 1) -> tuple[int, int, int]:
-    """Shape ``(nz, ny, nx)`` of the phantom grid: field of view by slab depth, in voxels of ``binning`` px."""
+def phantom_shape(
+    specimen: Specimen, config: SimulationConfig, binning: int = 1, *, z_margin_px: float = 0.0
+) -> tuple[int, int, int]:
+    """Shape ``(nz, ny, nx)`` of the phantom grid: field of view by slab depth, in voxels of ``binning`` px.
+
+    ``z_margin_px`` adds empty ice above and below the slab (scoring wants room
+    for the beads on the surfaces and for the taper of its mask).
+    """
     h, w = config.detector.image_shape
     n = np.abs(specimen.slab_normal)
     depth = (specimen.thickness_px + n[0] * w + n[1] * h) / n[2]
-    return (int(math.ceil(depth / binning)) + 2, int(math.ceil(h / binning)), int(math.ceil(w / binning)))
+    margin = 2 * int(math.ceil(z_margin_px / binning))
+    return (int(math.ceil(depth / binning)) + 2 + margin, int(math.ceil(h / binning)), int(math.ceil(w / binning)))
 
 
-def phantom_volume(specimen: Specimen, config: SimulationConfig, *, binning: int = 1, dtype=np.float32) -> np.ndarray:
+def phantom_volume(
+    specimen: Specimen, config: SimulationConfig, *, binning: int = 1, z_margin_px: float = 0.0, dtype=np.float32
+) -> np.ndarray:
     """Noise-free volume ``vol[z, y, x]`` of the specimen over the field of view.
 
     Parameters
@@ -130,6 +139,8 @@ def phantom_volume(specimen: Specimen, config: SimulationConfig, *, binning: int
         Supplies the field of view and the phase shift per nm.
     binning : int
         Voxel edge in pixels (the volume is ``binning`` times smaller per axis).
+    z_margin_px : float
+        Empty ice added above and below the slab, pixels.
 
     Returns
     -------
@@ -139,7 +150,7 @@ def phantom_volume(specimen: Specimen, config: SimulationConfig, *, binning: int
     """
     if isinstance(binning, bool) or not isinstance(binning, (int, np.integer)) or binning < 1:
         raise ConfigError(f"phantom binning: expected an integer >= 1, got {binning!r}")
-    shape = phantom_shape(specimen, config, binning)
+    shape = phantom_shape(specimen, config, binning, z_margin_px=z_margin_px)
     vol = np.zeros(shape, dtype=dtype)
     phase = 2.0 * phase_per_px(config)  # the weak-phase image is exp(-2 phi c), simtomo.imaging
     voxelize_shells(vol, specimen.gold, binning=binning)

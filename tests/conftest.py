@@ -30,3 +30,15 @@ def centroid(image: np.ndarray) -> np.ndarray:
     y = np.arange(h) - (h - 1) / 2.0
     m = image.sum()
     return np.array([(image.sum(axis=0) * x).sum() / m, (image.sum(axis=1) * y).sum() / m])
+
+
+@pytest.fixture(scope="session")
+def standard_series():
+    """The `standard` workload at seed 0 (61 views of 1024^2 px), simulated once per test session."""
+    return simtomo.simulate("standard", seed=0)
+
+
+@pytest.fixture(scope="session")
+def standard_nobeads_series():
+    """`standard-nobeads` at seed 0, simulated once per test session."""
+    return simtomo.simulate("standard-nobeads", seed=0)

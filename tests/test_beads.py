@@ -193,9 +193,9 @@ def test_refine_center_noise_is_at_the_photon_limit(diameter):
 
 
 @pytest.fixture(scope="module")
-def standard():
+def standard(standard_series):
     """`standard` at seed 0: line-integral views, true geometry, beads and nominal tilts."""
-    series = simtomo.simulate("standard", 0)
+    series = standard_series
     images = line_integral(series.stack)
     return {
         "images": images,
@@ -235,8 +235,8 @@ def test_detect_beads_standard(standard):
     assert _match(xy[ok], true_xy)[0].max() < 0.5
 
 
-def test_detect_beads_finds_nothing_without_gold():
-    series = simtomo.simulate("standard-nobeads", 0)
+def test_detect_beads_finds_nothing_without_gold(standard_nobeads_series):
+    series = standard_nobeads_series
     view = int(np.argmin(np.abs(series.scheme.tilt_deg)))
     assert len(detect_beads(line_integral(series.stack[view]), BEAD_PX)) <= 1
 

@@ -58,3 +58,13 @@ def test_phantom_binning_is_validated(tiny_series):
     with pytest.raises(ConfigError, match="phantom binning"):
         tiny_series.phantom(binning=0)
     assert tiny_series.phantom(binning=4).shape[1:] == (32, 32)
+
+
+def test_z_margin_adds_empty_ice_around_the_same_volume(tiny_series):
+    plain = tiny_series.phantom(binning=2)
+    from simtomo.voxelize import phantom_volume
+
+    padded = phantom_volume(tiny_series.specimen, tiny_series.config, binning=2, z_margin_px=10)
+    assert padded.shape == (plain.shape[0] + 10, *plain.shape[1:])
+    np.testing.assert_allclose(padded[5:-5], plain, atol=1e-6)
+    assert np.abs(padded[:5]).max() < 1e-3 * np.abs(plain).max()
