@@ -2,7 +2,7 @@
 
 The building blocks of the fiducial aligner, in the spirit of IMOD's beadtrack.
 Everything works on line-integral images ``L = -log(counts / mean)`` (see
-:func:`line_integral`), where a gold bead is a POSITIVE blob: the projection
+:func:`log_intensity`), where a gold bead is a POSITIVE blob: the projection
 of a uniform sphere of radius ``r`` is ``a * 2 sqrt(r^2 - d^2)`` plus the
 background. Coordinates are centred pixel coordinates throughout
 (``x = col - (w-1)/2``, ``y = row - (h-1)/2``, DESIGN.md section 3).
@@ -40,12 +40,12 @@ from scipy import fft, ndimage
 
 from simtomo.errors import AlignmentError, ConfigError
 from simtomo.geometry import Geometry
+from simtomo.imaging import log_intensity
 
 __all__ = [
     "Detections",
     "BeadFit",
     "Tracks",
-    "line_integral",
     "bead_template",
     "ncc_map",
     "detect_beads",
@@ -249,27 +249,6 @@ def _positive(value, name: str) -> float:
 
 
 # ----------------------------------------------------------------------------- images and templates
-
-
-def line_integral(counts: np.ndarray) -> np.ndarray:
-    """Line-integral image(s) ``-log(counts / mean)`` (float32) in which gold beads are positive.
-
-    Works on one image (h, w) or a stack (n, h, w) (each view by its own
-    mean); counts below 0.5 are clipped so empty pixels stay finite.
-    """
-    arr = np.asarray(counts)
-    if arr.ndim not in (2, 3):
-        raise ConfigError(f"counts: expected an image (h, w) or a stack (n, h, w), got shape {arr.shape}")
-    single = arr.ndim == 2
-    stack = arr[None] if single else arr
-    out = np.empty(stack.shape, dtype=np.float32)
-    for i in range(stack.shape[0]):
-        v = np.maximum(np.asarray(stack[i], dtype=np.float64), 0.5)
-        mean = float(v.mean())
-        if not np.isfinite(mean):
-            raise ConfigError(f"counts: view {i} contains NaN or infinite values")
-        out[i] = -np.log(v / mean)
-    return out[0] if single else out
 
 
 def _box_half(diameter_px: float) -> int:
@@ -487,7 +466,7 @@ def detect_beads(
     Parameters
     ----------
     image : (h, w) array
-        Line-integral image (beads positive), e.g. from :func:`line_integral`.
+        Line-integral image (beads positive), e.g. from :func:`log_intensity`.
     diameter_px : float
         Projected bead diameter, pixels.
     max_beads : int, optional

@@ -17,10 +17,13 @@ Gaussian read noise are drawn.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import fft
 
 from simtomo.config import DetectorConfig, OpticsConfig
+from simtomo.errors import ConfigError
 
 __all__ = [
     "electron_wavelength_A",
@@ -29,6 +32,7 @@ __all__ = [
     "frequency_grid",
     "expected_counts",
     "add_noise",
+    "log_intensity",
 ]
 
 
@@ -130,3 +134,46 @@ def add_noise(counts: np.ndarray, detector: DetectorConfig, rng: np.random.Gener
     if detector.read_noise_e > 0:
         image += rng.normal(0.0, detector.read_noise_e, counts.shape).astype(np.float32)
     return image
+
+
+def log_intensity(stack: np.ndarray) -> np.ndarray:
+    """Line-integral images ``-log(I / I0)`` of electron counts: what a reconstruction inverts.
+
+    Parameters
+    ----------
+    stack : (n, h, w) or (h, w) array
+        Counts per pixel. Values below 0.5 are raised to 0.5 so that empty
+        pixels stay finite.
+
+    Returns
+    -------
+    float32 array of the same shape
+        ``-log(max(I, 0.5) / I0)`` with ``I0`` the mean count of each view:
+        dense content and gold are positive.
+
+    Raises
+    ------
+    ConfigError
+        For an empty or non-3-D stack, NaN or infinite counts, or a view whose
+        mean is not positive (the message names the view index).
+    """
+    arr = np.asarray(stack)
+    if arr.ndim == 2:
+        return log_intensity(arr[None])[0]
+    if arr.ndim != 3 or arr.size == 0:
+        raise ConfigError(f"stack: expected a non-empty (n, h, w) or (h, w) array of counts, got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ConfigError(f"stack: expected real counts, got dtype {arr.dtype}")
+    out = np.empty(arr.shape, dtype=np.float32)
+    for i in range(arr.shape[0]):
+        view = arr[i]
+        mean = float(view.mean(dtype=np.float64))
+        if not math.isfinite(mean):
+            raise ConfigError(f"stack: view {i} contains NaN or infinite counts")
+        if mean <= 0.0:
+            raise ConfigError(f"stack: view {i} has mean count {mean:g}; expected a positive mean (I0)")
+        o = out[i]
+        np.maximum(view, 0.5, out=o, casting="same_kind")
+        np.log(o, out=o)
+        np.subtract(np.float32(math.log(mean)), o, out=o)
+    return out

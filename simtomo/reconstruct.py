@@ -83,6 +83,7 @@ from scipy import ndimage
 
 from simtomo.errors import ConfigError
 from simtomo.geometry import Geometry
+from simtomo.imaging import log_intensity
 from simtomo.similarity import Similarity, projection_model
 from simtomo.transforms import aligned_to_view
 
@@ -105,46 +106,6 @@ _REPROJECT_MARGIN = 4
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def log_intensity(stack: np.ndarray) -> np.ndarray:
-    """Line-integral images ``-log(I / I0)`` of a stack of electron counts.
-
-    Parameters
-    ----------
-    stack : (n, h, w) array
-        Counts per pixel. Values below 0.5 are raised to 0.5 so that empty
-        pixels stay finite.
-
-    Returns
-    -------
-    (n, h, w) float32 array
-        ``-log(max(I, 0.5) / I0)`` with ``I0`` the mean count of each view.
-
-    Raises
-    ------
-    ConfigError
-        For an empty or non-3-D stack, NaN or infinite counts, or a view whose
-        mean is not positive (the message names the view index).
-    """
-    arr = np.asarray(stack)
-    if arr.ndim != 3 or arr.size == 0:
-        raise ConfigError(f"stack: expected a non-empty (n, h, w) array of counts, got shape {arr.shape}")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ConfigError(f"stack: expected real counts, got dtype {arr.dtype}")
-    out = np.empty(arr.shape, dtype=np.float32)
-    for i in range(arr.shape[0]):
-        view = arr[i]
-        mean = float(view.mean(dtype=np.float64))
-        if not math.isfinite(mean):
-            raise ConfigError(f"stack: view {i} contains NaN or infinite counts")
-        if mean <= 0.0:
-            raise ConfigError(f"stack: view {i} has mean count {mean:g}; expected a positive mean (I0)")
-        o = out[i]
-        np.maximum(view, 0.5, out=o, casting="same_kind")
-        np.log(o, out=o)
-        np.subtract(np.float32(math.log(mean)), o, out=o)
-    return out
 
 
 def _check_geometry(geometry: object) -> Geometry:

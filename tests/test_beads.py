@@ -38,13 +38,13 @@ from aligners.beads import (
     detect_beads,
     estimate_bead_diameter,
     fit_beads,
-    line_integral,
     ncc_map,
     refine_center,
     retrack,
     track_beads,
 )
 from simtomo.errors import ConfigError
+from simtomo.imaging import log_intensity
 from simtomo.geometry import Geometry
 from simtomo.projector import project_shells
 from simtomo.specimen import solid_spheres
@@ -196,7 +196,7 @@ def test_refine_center_noise_is_at_the_photon_limit(diameter):
 def standard(standard_series):
     """`standard` at seed 0: line-integral views, true geometry, beads and nominal tilts."""
     series = standard_series
-    images = line_integral(series.stack)
+    images = log_intensity(series.stack)
     return {
         "images": images,
         "geometry": series.geometry,
@@ -219,7 +219,7 @@ def _check_detection(image, true_xy, diameter):
 def test_detect_beads_tiny(tiny_series):
     view = int(np.argmin(np.abs(tiny_series.scheme.tilt_deg)))
     true_xy = tiny_series.geometry.project(tiny_series.beads_px)[view]
-    found, false, _ = _check_detection(line_integral(tiny_series.stack[view]), true_xy, BEAD_PX)
+    found, false, _ = _check_detection(log_intensity(tiny_series.stack[view]), true_xy, BEAD_PX)
     assert found >= 0.9
     assert false <= 2
 
@@ -238,7 +238,7 @@ def test_detect_beads_standard(standard):
 def test_detect_beads_finds_nothing_without_gold(standard_nobeads_series):
     series = standard_nobeads_series
     view = int(np.argmin(np.abs(series.scheme.tilt_deg)))
-    assert len(detect_beads(line_integral(series.stack[view]), BEAD_PX)) <= 1
+    assert len(detect_beads(log_intensity(series.stack[view]), BEAD_PX)) <= 1
 
 
 def test_detect_beads_min_separation_and_max_beads():
@@ -262,7 +262,7 @@ def test_estimate_bead_diameter_other_sizes(diameter):
     geometry = _view((256, 256), tilt=0.0, rot=0.0, shift=(0.0, 0.0))
     centers = _grid_beads(rng, geometry, diameter, 4, 55.0)
     counts = rng.poisson(DOSE_PER_PX * np.exp(-_gold(geometry, centers, diameter)))
-    assert estimate_bead_diameter(line_integral(counts)) == pytest.approx(diameter, rel=0.03)
+    assert estimate_bead_diameter(log_intensity(counts)) == pytest.approx(diameter, rel=0.03)
 
 
 # --------------------------------------------------------------------------- seeds
@@ -392,7 +392,7 @@ def test_bad_input_is_refused_with_a_clear_message():
     with pytest.raises(ConfigError, match="seeds_xy"):
         track_beads(stack, [-3.0, 0.0, 3.0], geometry, [[0.0, np.nan]], start_view=1, diameter_px=BEAD_PX)
     with pytest.raises(ConfigError, match="counts"):
-        line_integral(np.zeros(5))
+        log_intensity(np.zeros(5))
 
 
 def test_no_beads_and_no_seeds_are_not_errors():

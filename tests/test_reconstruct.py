@@ -97,7 +97,7 @@ def test_log_intensity_accepts_integer_counts():
     "stack, match",
     [
         (np.zeros((0, 4, 4)), "non-empty"),
-        (np.ones((4, 4)), "non-empty"),
+        (np.ones(4), "non-empty"),
         (np.stack([np.ones((3, 3)), np.full((3, 3), np.nan)]), "view 1 .*NaN"),
         (np.stack([np.ones((3, 3)), np.ones((3, 3)), np.full((3, 3), np.inf)]), "view 2 .*NaN or infinite"),
         (np.stack([np.ones((3, 3)), np.zeros((3, 3))]), "view 1 has mean count 0"),
