@@ -84,13 +84,12 @@ def per_view_error_figure(scores) -> Figure:
 
 
 def _top_axis_in_A(ax, pixel_size_A: float) -> None:
-    """A secondary x axis labelled with the period in Å."""
+    """A top axis marking round periods in Å at their frequencies (a reciprocal scale has no good automatic ticks)."""
     if not np.isfinite(pixel_size_A):
         return
-
-    def to_period(k):
-        with np.errstate(divide="ignore"):
-            return pixel_size_A / np.asarray(k, dtype=float)
-
-    top = ax.secondary_xaxis("top", functions=(to_period, to_period))
+    k_max = ax.get_xlim()[1]
+    periods = [p for p in (1000, 500, 200, 100, 50, 30, 20, 15, 10, 8, 6, 5, 4, 3, 2) if 0.12 * k_max <= pixel_size_A / p <= k_max]
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([pixel_size_A / p for p in periods])
+    top.set_xticklabels([f"{p:g}" for p in periods])
     top.set_xlabel("period (Å)")
