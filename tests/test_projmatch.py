@@ -1,0 +1,154 @@
+"""Projection matching (aligners/projmatch.py): the motion fit, the stop rule, convergence, failure on noise, accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import simtomo
+from aligners.projmatch import (
+    ProjmatchAligner,
+    ProjmatchParams,
+    estimate_thickness,
+    fit_view_motion,
+    geometry_from_dict,
+)
+from simtomo.alignment_error import alignment_error
+from simtomo.config import apply_overrides, preset
+from simtomo.errors import AlignmentError, ConfigError
+from simtomo.observation import Observation
+from simtomo.score import thickness_px
+
+# A small series with the standard workload's content density: 256 px, 41 views, 100 nm.
+_SMALL = {
+    "detector": {"image_shape": [256, 256]},
+    "tilt": {"step_deg": 3.0},
+    "specimen": {"thickness_nm": 100.0},
+    "content": {"proteins": 600, "vesicles": 3, "actin_filaments": 3, "microtubules": 1},
+    "misalignment": {"initial_offset_nm": 40.0, "shift_walk_nm": 16.0, "backlash_nm": 32.0},
+}
+
+
+@pytest.fixture(scope="module")
+def small_series():
+    return simtomo.simulate(apply_overrides(preset("standard-nobeads"), _SMALL), seed=0)
+
+
+def _offset_start(geometry, px: float, seed: int):
+    """The geometry with every view's shift moved ``px`` pixels in a random direction."""
+    rng = np.random.default_rng(seed)
+    ang = rng.uniform(0, 2 * np.pi, geometry.n_views)
+    return geometry.replace(shift_px=geometry.shift_px + px * np.stack([np.cos(ang), np.sin(ang)], axis=1))
+
+
+# --------------------------------------------------------------------------- motion fit
+
+
+@pytest.mark.parametrize("tilt_deg", [-50.0, 35.0])
+def test_fit_view_motion_recovers_small_motion(tilt_deg):
+    rng = np.random.default_rng(3)
+    q = rng.uniform(-100, 100, (60, 2))
+    e, sigma, omega, dtheta = np.array([0.7, -0.4]), 0.004, math.radians(0.3), math.radians(0.5)
+    t = math.tan(math.radians(tilt_deg))
+    dq = np.stack([
+        e[0] + sigma * q[:, 0] - omega * q[:, 1] - t * q[:, 0] * dtheta,
+        e[1] + sigma * q[:, 1] + omega * q[:, 0],
+    ], axis=1)
+    dq[:3] += 25.0  # gross outliers are rejected
+    fit = fit_view_motion(q, dq, tilt_deg, tilt_regularisation=0.0)
+    assert np.allclose(fit.shift, e, atol=1e-6)
+    assert fit.log_mag == pytest.approx(sigma, abs=1e-8)
+    assert fit.rotation_rad == pytest.approx(omega, abs=1e-8)
+    assert fit.tilt_rad == pytest.approx(dtheta, abs=1e-8)
+    assert fit.n_used == 57
+
+
+def test_fit_view_motion_shift_only():
+    q = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    dq = np.array([[1.0, 2.0], [1.2, 2.0], [1.0, 2.1]])
+    fit = fit_view_motion(q, dq, 10.0, refine=("shift",))
+    assert fit.log_mag == 0.0 and fit.rotation_rad == 0.0 and fit.tilt_rad == 0.0
+    assert np.allclose(fit.shift, dq.mean(axis=0), atol=1e-9)
+
+
+def test_estimate_thickness_of_a_slab():
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0, 0.05, (60, 64, 64)).astype(np.float32)
+    vol[20:40] += rng.normal(0, 1.0, (20, 64, 64)).astype(np.float32)
+    assert estimate_thickness(vol, 2.0) == pytest.approx(40.0, abs=4.0)
+
+
+def test_params_reject_bad_values():
+    with pytest.raises(ConfigError, match="binnings"):
+        ProjmatchParams(binnings=(2, 4))
+    with pytest.raises(ConfigError, match="refine"):
+        ProjmatchParams(refine=("shift", "skew"))
+    with pytest.raises(ConfigError, match="folds"):
+        ProjmatchParams(folds=1)
+    with pytest.raises(ConfigError, match="method"):
+        ProjmatchParams(method="fbp")
+
+
+# --------------------------------------------------------------------------- behaviour
+
+
+def test_converges_from_5px_start(small_series):
+    """From the true geometry moved 5 px per view: the error falls iteration by iteration and the stop rule fires.
+
+    Measured (seed 0, one stage at binning 2): 5.0 px at the start, 3.3 after
+    the first iteration, 2.1 at the end. The remainder is the smooth part of
+    the random start (patterns over tilt that neighbouring views share),
+    which leave-out matching corrects only slowly; see the module notes.
+    """
+    truth = small_series.geometry
+    thick = thickness_px(small_series.truth())
+    start = _offset_start(truth, 5.0, seed=1)
+    e0 = alignment_error(start, truth, thickness_px=thick).rms_px
+    assert e0 == pytest.approx(5.0, abs=0.3)
+    params = ProjmatchParams(initial_geometry=start, binnings=(2,), max_iterations=12, tolerance_px=0.25, axis_flatten=False)
+    result = ProjmatchAligner(params).align(small_series.observation())
+    its = result.info["iterations"]
+    errors = np.array(
+        [alignment_error(geometry_from_dict(r["geometry"], truth), truth, thickness_px=thick).rms_px for r in its]
+    )
+    # the stop rule fired before the iteration cap
+    assert result.info["converged"] and len(its) < 12
+    assert its[-1]["max_update_px"] < params.tolerance_px
+    # the error falls iteration by iteration (allowing 0.02 px of noise)
+    assert np.all(np.diff(errors) < 0.02), errors
+    assert errors[0] < 0.75 * e0
+    assert errors[-1] < 0.5 * e0
+    assert len(result.residuals.per_view_rms_px) == truth.n_views
+
+
+def test_pure_noise_fails(small_series):
+    rng = np.random.default_rng(5)
+    obs = small_series.observation()
+    noise = rng.poisson(100.0, obs.stack.shape).astype(np.float32)
+    noisy = Observation(stack=noise, tilt_deg=obs.tilt_deg, pixel_size_A=obs.pixel_size_A, tilt_axis_deg=obs.tilt_axis_deg)
+    start = small_series.geometry
+    with pytest.raises(AlignmentError, match="correlation too low"):
+        ProjmatchAligner(ProjmatchParams(initial_geometry=start, thickness_px=100.0)).align(noisy)
+    # from scratch the coarse alignment already refuses
+    with pytest.raises(AlignmentError, match="correlation too low"):
+        ProjmatchAligner(ProjmatchParams()).align(noisy)
+
+
+def test_standard_nobeads_seed0_improves_on_coarse():
+    """The default pipeline (coarse start, binning 4) on the standard workload.
+
+    Measured (seed 0): coarse start 2.2 px, result 1.0-1.1 px RMS alignment error (run to run,
+    threaded reductions differ).
+    The issue's target (< 0.3 px) is not met; see tests/test_benchmarks_projmatch.py.
+    """
+    series = simtomo.simulate("standard-nobeads", seed=0)
+    truth = series.geometry
+    thick = thickness_px(series.truth())
+    result = ProjmatchAligner().align(series.observation())
+    start = geometry_from_dict(result.info["start_geometry"], truth)
+    e_start = alignment_error(start, truth, thickness_px=thick).rms_px
+    e_end = alignment_error(result.geometry, truth, thickness_px=thick).rms_px
+    assert e_end < 0.85 * e_start, (e_start, e_end)
+    assert result.info["iterations"][-1]["binning"] == 4
