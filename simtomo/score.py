@@ -31,7 +31,6 @@ from simtomo.resolution import (
     fsc,
     fsc_xy,
     measured_wedge,
-    predicted_transfer,
     resolution_A,
     soft_mask,
     transfer,
@@ -345,10 +344,3 @@ def _check_binning(binning) -> None:
 def _tilt_step_deg(tilt_deg: np.ndarray) -> float:
     t = np.sort(np.asarray(tilt_deg, dtype=float))
     return float(np.median(np.diff(t))) if t.size > 1 else 180.0
-
-
-def predicted_transfer_curve(scores: Scores) -> np.ndarray | None:
-    """The theory ``exp(-2 pi^2 sigma^2 k^2)`` on the measured transfer's frequencies, sigma from the alignment error."""
-    if scores.transfer is None:
-        return None
-    return predicted_transfer(scores.transfer.frequency_per_px, scores.transfer_sigma_px)
