@@ -62,10 +62,6 @@ log = logging.getLogger(__name__)
 #: Local patches whose correlation peak stands less than this many robust sd
 #: above its map are ignored by the local refinement of :func:`coarse_align`.
 LOCAL_MIN_SIGNIFICANCE = 3.0
-_AXIS_WHITEN = 0.0
-_AXIS_RIDGE = None
-_AXIS_ENERGY = None
-_AXIS_ANISO = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,6 +82,19 @@ class BinnedStack:
     images: np.ndarray
     binning: int
     image_shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        images = np.asarray(self.images, dtype=np.float32)
+        if images.ndim != 3 or images.shape[0] == 0 or min(images.shape[1:]) < 8:
+            raise ConfigError(f"BinnedStack.images: expected an (n_views, h, w) array with h, w >= 8, got shape {images.shape}")
+        if isinstance(self.binning, bool) or not float(self.binning).is_integer() or self.binning < 1:
+            raise ConfigError(f"BinnedStack.binning: expected an integer >= 1, got {self.binning!r}")
+        shape = tuple(int(v) for v in self.image_shape)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ConfigError(f"BinnedStack.image_shape: expected (h, w), got {self.image_shape!r}")
+        object.__setattr__(self, "images", images)
+        object.__setattr__(self, "binning", int(self.binning))
+        object.__setattr__(self, "image_shape", shape)
 
     def rebin(self, factor: int) -> BinnedStack:
         """Bin further by an integer ``factor`` (the result is binned ``binning * factor``)."""
@@ -111,19 +120,13 @@ def binned_line_integrals(stack: np.ndarray, binning: int) -> BinnedStack:
     """
     arr = _check_stack(stack)
     n, h, w = arr.shape
-    first = imageops.fourier_bin(imageops.to_line_integrals(_view(arr, 0)), binning)
-    out = np.empty((n,) + first.shape, dtype=np.float32)
-    out[0] = first
-    for i in range(1, n):
-        try:
-            out[i] = imageops.fourier_bin(imageops.to_line_integrals(_view(arr, i)), binning)
-        except ConfigError as exc:
-            raise ConfigError(str(exc).replace("view 0", f"view {i}")) from None
+    out = None
+    for i in range(n):
+        view = imageops.fourier_bin(imageops.to_line_integrals(np.asarray(arr[i : i + 1]), first_view=i), binning)[0]
+        if out is None:
+            out = np.empty((n,) + view.shape, dtype=np.float32)
+        out[i] = view
     return BinnedStack(out, int(binning), (h, w))
-
-
-def _view(stack: np.ndarray, i: int) -> np.ndarray:
-    return np.asarray(stack[i])
 
 
 def _check_stack(stack) -> np.ndarray:
@@ -252,13 +255,25 @@ def _grid_corners(shape: tuple[int, int], size: int, step: int) -> np.ndarray:
 
 
 def _patch_pairs(
-    ref: np.ndarray, tgt: np.ndarray, offset_xy: np.ndarray, size: int, step: int, frame: _Frame, k_ref: float, k_tgt: float
+    ref: np.ndarray,
+    tgt: np.ndarray,
+    offset_xy: np.ndarray,
+    size: int,
+    step: int,
+    frame: _Frame,
+    k_ref: float,
+    k_tgt: float,
+    fraction_xy: np.ndarray | None = None,
 ):
     """Grid patches of ``ref`` and the patches of ``tgt`` displaced by the integer ``offset_xy``.
 
     Only patch pairs lying wholly on untapered data in both images are kept:
     a patch that straddles the taper sees the data's edge, a feature that is
-    not part of the specimen.
+    not part of the specimen. With ``fraction_xy`` the target patches are
+    moved back by that sub-pixel offset (before tapering), so that content
+    displaced by ``offset_xy + fraction_xy`` is found at zero shift: the
+    correlation of two tapered windows pulls a peak toward zero shift in
+    proportion to its distance from it.
 
     Returns (patches_ref, patches_tgt, centres_xy (m, 2) in centred coordinates of ``ref``), float32,
     each patch mean-free and tapered.
@@ -272,6 +287,8 @@ def _patch_pairs(
     window = imageops.taper_window((size, size), size / 4.0)
     pa = imageops.extract_patches(ref, ca, size)
     pb = imageops.extract_patches(tgt, cb, size)
+    if fraction_xy is not None and len(pb) and np.any(fraction_xy != 0):
+        pb = imageops.fourier_shift(pb, -np.asarray(fraction_xy, dtype=float)).astype(np.float32)
     pa -= pa.mean(axis=(1, 2), keepdims=True)
     pb -= pb.mean(axis=(1, 2), keepdims=True)
     pa *= window
@@ -338,7 +355,6 @@ def coarse_align(
     max_shift_fraction: float = 0.25,
     local_patch_size: int = 48,
     local_max_shift: int = 8,
-    baselines: int = 1,
     reference_view: int | None = None,
     min_significance: float = 8.0,
     min_reliable_fraction: float = 0.5,
@@ -420,9 +436,6 @@ def coarse_align(
         raise ConfigError(f"local_patch_size: expected 0 (off) or 16..{min(hb, wb)} binned px, got {local_patch_size!r}")
     if local_max_shift < 1:
         raise ConfigError(f"local_max_shift: expected >= 1 binned px, got {local_max_shift!r}")
-    if isinstance(baselines, bool) or not float(baselines).is_integer() or baselines < 1:
-        raise ConfigError(f"baselines: expected an integer >= 1, got {baselines!r}")
-    baselines = int(baselines)
     order = np.argsort(tilt, kind="stable")
     if reference_view is None:
         ref = int(np.argmin(np.abs(tilt)))
@@ -438,42 +451,38 @@ def coarse_align(
         phi=phi, lowpass=lowpass, highpass=highpass, max_shift_fraction=max_shift_fraction, taper_fraction=taper_fraction,
         local_patch_size=local_patch_size, local_max_shift=local_max_shift, min_significance=min_significance,
     )
-    # Chain pairs: each view with its neighbour toward the reference (these define
-    # reliability and the reported pairwise figures); longer baselines add redundancy.
-    chain = [(order[r], order[r - 1]) for r in range(rank + 1, n)] + [(order[r], order[r + 1]) for r in range(rank - 1, -1, -1)]
-    extra = []
-    for m in range(2, baselines + 1):
-        for r in range(n - m):
-            a_, b_ = order[r], order[r + m]
-            # the higher |tilt| view is stretched onto the lower one
-            extra.append((a_, b_) if abs(tilt[a_]) > abs(tilt[b_]) else (b_, a_))
-    measured = [_measure_pair(pre, cos_t, i, j, **settings) for i, j in chain + extra]
-
+    # Each view with its neighbour toward the reference, walking outward.
+    pairs = [(order[r], order[r - 1]) for r in range(rank + 1, n)] + [(order[r], order[r + 1]) for r in range(rank - 1, -1, -1)]
+    u = np.zeros((n, 2))  # aligned-frame shifts, binned px
     peak = np.full(n, np.nan)
     signif = np.full(n, np.nan)
     neighbour = np.full(n, -1, dtype=int)
     reliable = np.ones(n, dtype=bool)
-    for (i, j), meas in zip(chain, measured):
+    for i, j in pairs:
+        meas = _measure_pair(pre, cos_t, i, j, **settings)
         neighbour[i] = j
         peak[i], signif[i], reliable[i] = meas.peak, meas.significance, meas.reliable
-    n_pairs = len(chain)
-    n_ok = int(sum(meas.reliable for meas in measured[: len(chain)]))
+        if meas.reliable:
+            u[i] = ((meas.shift[0] + u[j, 0]) / meas.stretch, meas.shift[1] + u[j, 1])
+        else:  # no trustworthy measurement: assume the view did not move relative to its neighbour
+            u[i] = u[j]
+    n_pairs = len(pairs)
+    n_ok = int(reliable[[i for i, _ in pairs]].sum()) if pairs else 0
     if n_pairs and n_ok < max(1, int(np.ceil(min_reliable_fraction * n_pairs))):
         med = float(np.nanmedian(signif)) if np.any(np.isfinite(signif)) else float("nan")
         raise AlignmentError(
             f"correlation too low: only {n_ok} of {n_pairs} neighbouring view pairs correlate significantly "
-            f"(peak >= {min_significance:g} robust sd above the map; median {med:.1f}); "
-            "the images hold no common structure at this binning and band-pass"
+            f"(peak >= {min_significance:g} robust sd above its map; median {med:.1f}); "
+            "the views share no structure at this binning and band-pass"
         )
-    if n_pairs and n_ok < n_pairs:
+    if n_ok < n_pairs:
         log.warning("coarse_align: %d of %d neighbouring view pairs did not correlate significantly; "
-                    "their views keep the neighbour's shift", n_pairs - n_ok, n_pairs)
-    u = _solve_shifts(n, ref, chain + extra, measured, cos_t, tilt, order)
+                    "those views keep their neighbour's shift", n_pairs - n_ok, n_pairs)
     b = prepared.binning
     rot = rotation_2d(phi)
     shift = (u * b) @ rot.T
     pairwise = np.zeros((n, 2))
-    for i, j in chain:
+    for i, j in pairs:
         pairwise[i] = shift[i] - shift[j]
     geometry = Geometry.nominal(tilt, prepared.image_shape, pixel_size_A, rot_deg=phi).replace(shift_px=shift)
     return CoarseResult(
@@ -539,65 +548,6 @@ def _measure_pair(
     return _PairMeasurement(np.asarray(d, dtype=float), k, float(glob.peak[0]), sig, bool(reliable))
 
 
-def _solve_shifts(
-    n: int, ref: int, pairs: list[tuple[int, int]], measured: list[_PairMeasurement], cos_t, tilt, order
-) -> np.ndarray:
-    """Aligned-frame shifts ``u`` (n, 2) from all reliable pair measurements, ``u_ref = 0``.
-
-    Each measurement of view ``i`` (stretched by ``k``) against view ``j`` reads
-    ``k u_i,x - u_j,x = d_x`` and ``u_i,y - u_j,y = d_y``. Weights fall with the
-    tilt distance of the pair (1 / rank-distance^2: a long baseline sees more
-    parallax); a Cauchy reweighting discounts a pair that disagrees with the
-    rest. Views that no reliable pair reaches are tied to their tilt
-    neighbours by a weak "no change" prior, so they keep the neighbour's shift.
-    """
-    rank = np.empty(n, dtype=int)
-    rank[order] = np.arange(n)
-    rows_x, rows_y, rhs_x, rhs_y, wts = [], [], [], [], []
-    for (i, j), meas in zip(pairs, measured):
-        if not meas.reliable:
-            continue
-        m = abs(int(rank[i]) - int(rank[j]))
-        rx = np.zeros(n)
-        rx[i], rx[j] = meas.stretch, -1.0
-        ry = np.zeros(n)
-        ry[i], ry[j] = 1.0, -1.0
-        rows_x.append(rx)
-        rows_y.append(ry)
-        rhs_x.append(meas.shift[0])
-        rhs_y.append(meas.shift[1])
-        wts.append(1.0 / m**2)
-    # weak prior between tilt neighbours: keeps the system connected
-    for r in range(n - 1):
-        a, b = order[r], order[r + 1]
-        row = np.zeros(n)
-        row[a], row[b] = 1.0, -1.0
-        rows_x.append(row)
-        rows_y.append(row)
-        rhs_x.append(0.0)
-        rhs_y.append(0.0)
-        wts.append(1e-6)
-    keep = np.ones(n, dtype=bool)
-    keep[ref] = False
-    u = np.zeros((n, 2))
-    n_meas = len(wts) - (n - 1)
-    for axis, (rows, rhs) in enumerate(((rows_x, rhs_x), (rows_y, rhs_y))):
-        a_full = np.array(rows)[:, keep]
-        y = np.array(rhs)
-        w0 = np.array(wts)
-        w = w0.copy()
-        for _ in range(8):
-            sw = np.sqrt(w)
-            sol = np.linalg.lstsq(a_full * sw[:, None], y * sw, rcond=None)[0]
-            r = y - a_full @ sol
-            meas_r = r[:n_meas]
-            scale = max(1.4826 * float(np.median(np.abs(meas_r))) if n_meas else 0.0, 0.25)
-            w = w0.copy()
-            w[:n_meas] = w0[:n_meas] / (1.0 + (meas_r / (3.0 * scale)) ** 2)
-        u[keep, axis] = sol
-    return u
-
-
 def _local_median_shift(
     ref_img: np.ndarray,
     tgt_img: np.ndarray,
@@ -609,9 +559,16 @@ def _local_median_shift(
     lowpass: float,
     highpass: float,
 ) -> np.ndarray | None:
-    """Median shift of half-overlapping patches around the whole-image shift ``d``; None if too few correlate."""
+    """Median shift of half-overlapping patches around the whole-image shift ``d``; None if too few correlate.
+
+    The target patches are cut at ``d`` to sub-pixel precision (the tapered
+    windows pull each peak toward the offset they were cut at, in proportion
+    to the remaining distance). On a synthetic thin specimen this brings the
+    pairwise error from ~0.1 px (cut at the nearest integer) to < 0.01 px.
+    """
     offset = np.round(d).astype(int)
-    pa, pb, _ = _patch_pairs(ref_img, tgt_img, offset, size, max(size // 2, 1), frame, 1.0, stretch)
+    fraction = np.asarray(d, dtype=float) - offset
+    pa, pb, _ = _patch_pairs(ref_img, tgt_img, offset, size, max(size // 2, 1), frame, 1.0, stretch, fraction)
     if len(pa) < 3:
         return None
     res = imageops.correlate_stack(pa, pb, max_shift=max_shift, lowpass=lowpass, highpass=highpass, subpixel="dft")
@@ -619,7 +576,7 @@ def _local_median_shift(
     good = res.valid & (res.significance >= LOCAL_MIN_SIGNIFICANCE) & np.all(np.abs(res.shift) < max_shift - 1, axis=1)
     if good.sum() < max(3, int(np.ceil(len(pa) / 3.0))):
         return None
-    return np.median(res.shift[good], axis=0) + offset
+    return np.median(res.shift[good], axis=0) + offset + fraction
 
 
 def _check_positive(name: str, value) -> None:
@@ -647,14 +604,16 @@ class TiltAxisResult:
     ----------
     angle_deg : float
         Estimated in-plane tilt-axis angle ``phi`` (DESIGN.md section 3), within
-        +-90 degrees of the start (in (-90, 90] without a start).
+        ``search_deg`` of the start (in (-90, 90] without a start).
     score_curve : (k, 2) array
         ``(trial angle, misfit)`` of the last pass: the robust misfit of the
-        patch displacements' component along the trial axis (lower is better);
+        patch displacements' components along the trial axis (lower is better);
         its minimum is the estimate.
     uncertainty_deg : float
-        Statistical standard error from the misfit's curvature at the minimum
-        (patch errors are treated as independent, so this is a lower bound).
+        Approximate standard error from the misfit's curvature at the minimum,
+        as if patch errors were independent and Gaussian (NaN when the minimum
+        is not a clean parabola). Content that is not point-like (filaments,
+        membranes) adds errors it does not count.
     n_pairs : int
         View pairs that entered the final fit.
     n_patches : int
@@ -674,8 +633,20 @@ class TiltAxisResult:
     binning: int
 
 
-def _axis_pairs(tilt: np.ndarray, separation: float, max_abs_tilt: float | None) -> list[tuple[int, int]]:
-    """Pairs (reference, other) about ``separation`` degrees apart; the reference has the smaller |tilt|."""
+#: Cauchy loss scale of the axis fit, in robust standard deviations of the
+#: along-axis residuals (2.4 keeps ~95 % efficiency for Gaussian errors while
+#: a wrong patch match counts as little as a few ordinary ones).
+AXIS_CAUCHY_SCALE = 2.4
+
+#: Patches whose band-passed content is more line-like than this
+#: (:func:`aligners.imageops.spectral_anisotropy`) are left out of the axis fit.
+AXIS_MAX_ANISOTROPY = 0.3
+
+
+def _axis_pairs(tilt: np.ndarray, separation, max_abs_tilt: float | None) -> list[tuple[int, int]]:
+    """Pairs (reference, other) about ``separation`` degrees apart (one value or several); the reference has the smaller |tilt|."""
+    if np.ndim(separation) > 0:
+        return [p for sep in separation for p in _axis_pairs(tilt, float(sep), max_abs_tilt)]
     order = np.argsort(tilt, kind="stable")
     ts = tilt[order]
     pairs = []
@@ -693,12 +664,11 @@ def _axis_pairs(tilt: np.ndarray, separation: float, max_abs_tilt: float | None)
 
 @dataclass(frozen=True, eq=False)
 class _PatchData:
-    """Patch displacements of every pair, padded to a common length (weight 0 = absent)."""
+    """Patch displacements of every pair, padded to a common length."""
 
-    pos: np.ndarray  # (p, m, 2) centred aligned-frame positions
+    pos: np.ndarray  # (p, m, 2) patch centres, centred aligned-frame coordinates
     disp: np.ndarray  # (p, m, 2) displacements
     present: np.ndarray  # (p, m) bool
-    weight: np.ndarray  # (p, m) precision of the along-axis component (0 where absent)
 
 
 def _measure_axis_data(
@@ -716,7 +686,11 @@ def _measure_axis_data(
     taper_fraction: float,
     min_significance: float,
 ) -> tuple[_PatchData, int]:
-    """Correlate every pair in the ``phi0`` aligned frame, then its patches around the whole-image shift."""
+    """Correlate every pair in the ``phi0`` aligned frame, then its point-like patches around the whole-image shift.
+
+    Returns the patch data of the pairs with enough usable patches and the
+    number of pairs whose whole-image correlation was significant.
+    """
     cos_t = np.cos(np.deg2rad(tilt))
     ks = [float(cos_t[j] / cos_t[i]) if stretch else 1.0 for j, i in pairs]  # i has the higher |tilt|: k >= 1
     frame = _Frame.for_pair(pre.shape[1:], phi0, max(ks), taper_fraction)
@@ -726,76 +700,59 @@ def _measure_axis_data(
         refs, tgts, max_shift=max(frame.shape) / 3.0, lowpass=lowpass, highpass=highpass, subpixel="none", chunk=16
     )
     significant = glob.valid & (glob.significance >= min_significance)
-    n_significant = int(significant.sum())
     pa_all, pb_all, pos_all, owner, offsets = [], [], [], [], []
     for p in np.flatnonzero(significant):
         off = np.round(glob.shift[p]).astype(int)
         pa, pb, centres = _patch_pairs(refs[p], tgts[p], off, patch_size, patch_step, frame, 1.0, ks[p])
         if len(pa) == 0:
             continue
-        pa_all.append(pa)
-        pb_all.append(pb)
-        pos_all.append(centres)
-        owner.append(np.full(len(pa), p))
-        offsets.append(np.broadcast_to(off, (len(pa), 2)))
-    if not pa_all:
-        empty = np.zeros((0, 0))
-        return _PatchData(np.zeros((0, 0, 2)), np.zeros((0, 0, 2)), empty.astype(bool), empty), n_significant
+        # Line-like content (filaments, membranes) fixes a shift only across the line; where it
+        # dominates a patch, the peak slides along the line by an amount tied to the parallax,
+        # which biases the fit. Keep the point-like patches.
+        point_like = np.maximum(
+            imageops.spectral_anisotropy(pa, lowpass=lowpass, highpass=highpass),
+            imageops.spectral_anisotropy(pb, lowpass=lowpass, highpass=highpass),
+        ) <= AXIS_MAX_ANISOTROPY
+        pa_all.append(pa[point_like])
+        pb_all.append(pb[point_like])
+        pos_all.append(centres[point_like])
+        owner.append(np.full(int(point_like.sum()), p))
+        offsets.append(np.broadcast_to(off, (int(point_like.sum()), 2)))
+    n_patches = sum(len(x) for x in pa_all)
+    if n_patches == 0:
+        return _PatchData(np.zeros((0, 0, 2)), np.zeros((0, 0, 2)), np.zeros((0, 0), dtype=bool)), int(significant.sum())
     res = imageops.correlate_stack(
         np.concatenate(pa_all), np.concatenate(pb_all), max_shift=patch_max_shift,
-        lowpass=lowpass, highpass=highpass, subpixel="dft", whiten=_AXIS_WHITEN,
+        lowpass=lowpass, highpass=highpass, subpixel="dft",
     )
     owner_a = np.concatenate(owner)
     pos_a = np.concatenate(pos_all)
     disp_a = res.shift + np.concatenate(offsets)
-    # The along-axis precision of a peak: 1 / [(-H)^-1]_yy = -(c_yy - c_xy^2 / c_xx). A patch whose
-    # peak is a ridge oblique to the parallax direction (a filament, a membrane) locates its
-    # along-axis position poorly and gets little weight.
-    cxx, cxy, cyy = res.curvature.T
-    with np.errstate(divide="ignore", invalid="ignore"):
-        prec = -(cyy - cxy**2 / cxx)
-    good = res.valid & (res.significance >= 5.0) & (cxx < 0) & np.isfinite(prec) & (prec > 0)
-    if _AXIS_ANISO is not None:
-        pa_c = np.concatenate(pa_all); pb_c = np.concatenate(pb_all)
-        an = np.maximum(imageops.spectral_anisotropy(pa_c, lowpass=lowpass, highpass=highpass),
-                        imageops.spectral_anisotropy(pb_c, lowpass=lowpass, highpass=highpass))
-        good &= an <= _AXIS_ANISO
-    if _AXIS_ENERGY is not None:
-        e = np.maximum(res.energy[:, 0], res.energy[:, 1])
-        good &= e <= _AXIS_ENERGY * np.median(e[res.valid])
-    if _AXIS_RIDGE is not None:
-        amax, sinmax = _AXIS_RIDGE
-        tr = -(cxx + cyy); det = cxx * cyy - cxy**2
-        disc = np.sqrt(np.maximum(tr**2 / 4 - det, 0))
-        mu1, mu2 = tr / 2 + disc, tr / 2 - disc
-        aniso = 1 - mu2 / mu1
-        # ridge direction: eigenvector of -H for mu2: (-H - mu2 I) v = 0 -> v = (cxy, -cxx - mu2)... use atan2
-        hxx, hxy, hyy = -cxx, -cxy, -cyy
-        vx = np.where(np.abs(hxy) > 1e-12, hxy, np.where(hxx <= hyy, 1.0, 0.0))
-        vy = np.where(np.abs(hxy) > 1e-12, mu2 - hxx, np.where(hxx <= hyy, 0.0, 1.0))
-        sinr = np.abs(vy) / np.hypot(vx, vy)
-        good &= ~((aniso > amax) & (sinr > sinmax))
+    good = res.valid & (res.significance >= 5.0) & np.all(np.abs(res.shift) < patch_max_shift - 1, axis=1)
     groups = [np.flatnonzero(good & (owner_a == p)) for p in np.unique(owner_a)]
     groups = [g for g in groups if len(g) >= 6]  # a pair needs more points than its 3 nuisance terms
     m = max((len(g) for g in groups), default=0)
     pos = np.zeros((len(groups), m, 2))
     disp = np.zeros((len(groups), m, 2))
     present = np.zeros((len(groups), m), dtype=bool)
-    weight = np.zeros((len(groups), m))
     for r, g in enumerate(groups):
         pos[r, : len(g)] = pos_a[g]
         disp[r, : len(g)] = disp_a[g]
         present[r, : len(g)] = True
-        weight[r, : len(g)] = prec[g]
-    if present.any():
-        weight /= np.median(weight[present])
-    return _PatchData(pos, disp, present, weight), n_significant
+    return _PatchData(pos, disp, present), int(significant.sum())
 
 
 def _axis_design(data: _PatchData) -> np.ndarray:
     """Per-pair nuisance terms of the along-axis component: 1, x / 100, y / 100 (p, m, 3)."""
     pos = data.pos
     return np.stack([np.ones(pos.shape[:2]), pos[..., 0] / 100.0, pos[..., 1] / 100.0], axis=-1)
+
+
+def _fit_nuisance(x: np.ndarray, y: np.ndarray, wts: np.ndarray) -> np.ndarray:
+    """Residuals of the per-pair weighted least-squares fit of ``y`` on the design ``x``."""
+    a = np.einsum("pm,pmi,pmj->pij", wts, x, x) + 1e-9 * np.eye(3)
+    coef = np.linalg.solve(a, np.einsum("pm,pmi,pm->pi", wts, x, y)[..., None])[..., 0]
+    return y - np.einsum("pmi,pi->pm", x, coef)
 
 
 def _axis_misfit(data: _PatchData, deltas_deg: np.ndarray, scale: float, iterations: int = 6) -> np.ndarray:
@@ -805,33 +762,27 @@ def _axis_misfit(data: _PatchData, deltas_deg: np.ndarray, scale: float, iterati
     pair's shift), a term linear in the position across the axis (relative
     rotation of the two views, or a stretch applied along a slightly wrong
     direction) and one linear in the position along it (relative
-    magnification); what remains is the misfit. Residuals are scaled by their
-    precision (:class:`_PatchData`) and summed as Cauchy losses
-    ``log(1 + (r / scale)^2)``, fitted by iteratively reweighted least squares.
+    magnification); what remains is summed as Cauchy losses
+    ``log(1 + (r / c)^2)`` with ``c = AXIS_CAUCHY_SCALE * scale``, fitted by
+    iteratively reweighted least squares.
     """
     x = _axis_design(data)
-    w0 = np.where(data.present, data.weight, 0.0)
+    w0 = data.present.astype(float)
+    c2 = (AXIS_CAUCHY_SCALE * scale) ** 2
     out = np.empty(len(deltas_deg))
     for t, delta in enumerate(np.deg2rad(deltas_deg)):
         y = data.disp[..., 1] * np.cos(delta) - data.disp[..., 0] * np.sin(delta)  # component along the trial axis
-        wts = w0.copy()
+        wts = w0
         for _ in range(iterations):
-            a = np.einsum("pm,pmi,pmj->pij", wts, x, x) + 1e-9 * np.eye(3)
-            rhs = np.einsum("pm,pmi,pm->pi", wts, x, y)
-            coef = np.linalg.solve(a, rhs[..., None])[..., 0]
-            u2 = w0 * (y - np.einsum("pmi,pi->pm", x, coef)) ** 2 / scale**2
+            u2 = w0 * _fit_nuisance(x, y, wts) ** 2 / c2
             wts = w0 / (1.0 + u2)
         out[t] = float(np.sum(np.log1p(u2)))
     return out
 
 
 def _plain_scale(data: _PatchData) -> float:
-    """Robust spread of the precision-scaled along-axis residuals at ``delta = 0`` (the noise yardstick)."""
-    x = _axis_design(data)
-    w0 = np.where(data.present, data.weight, 0.0)
-    a = np.einsum("pm,pmi,pmj->pij", w0, x, x) + 1e-9 * np.eye(3)
-    coef = np.linalg.solve(a, np.einsum("pm,pmi,pm->pi", w0, x, data.disp[..., 1])[..., None])[..., 0]
-    r = (np.sqrt(w0) * (data.disp[..., 1] - np.einsum("pmi,pi->pm", x, coef)))[data.present]
+    """Robust spread (1.4826 MAD) of the along-axis residuals at ``delta = 0``: the noise yardstick."""
+    r = _fit_nuisance(_axis_design(data), data.disp[..., 1], data.present.astype(float))[data.present]
     mad = 1.4826 * float(np.median(np.abs(r - np.median(r)))) if r.size else 0.0
     return max(mad, 0.02)
 
@@ -863,9 +814,9 @@ def find_tilt_axis(
     search_deg: float = 10.0,
     binning: int | None = None,
     target_size: int = 256,
-    pair_separation_deg: float = 16.0,
-    patch_size: int = 64,
-    patch_step: int = 32,
+    pair_separation_deg: float | tuple[float, ...] = (16.0, 24.0),
+    patch_size: int = 48,
+    patch_step: int = 24,
     patch_max_shift: int = 24,
     lowpass: float = 0.3,
     highpass: float = 0.03,
@@ -878,22 +829,26 @@ def find_tilt_axis(
 ) -> TiltAxisResult:
     """Estimate the in-plane tilt-axis angle from the parallax of the specimen's depth.
 
-    For views about ``pair_separation_deg`` apart, brought into the aligned
-    frame of a trial angle (the higher tilt stretched across the axis), the
-    displacement of each local patch between the two views is measured. Tilting
-    moves content at different depths across the axis by different amounts,
-    so the patch displacements spread along one direction, perpendicular to
-    the axis, and agree along it. For each trial angle, the displacement
-    components along the trial axis are fitted per pair by a shift plus terms
-    linear in position (which absorb per-view rotation and magnification
-    drift and a stretch along a slightly wrong direction); the robust misfit
-    over all pairs is minimised on a grid of trial angles and refined by a
-    parabola. The patches are re-measured at the estimate until it moves less
-    than ``tolerance_deg`` (at most ``max_passes`` passes).
+    Tilting moves content at different depths *across* the axis by different
+    amounts and never along it. For view pairs about ``pair_separation_deg``
+    apart, brought into the aligned frame of a trial angle (the higher tilt
+    stretched across the axis), the displacements of local point-like patches
+    are measured; at the right angle they spread along one direction,
+    perpendicular to the axis, and agree along it. For each trial angle the
+    displacement components along the trial axis are fitted per pair by a
+    shift plus terms linear in position (which absorb per-view rotation and
+    magnification drift and a stretch along a slightly wrong direction); the
+    robust misfit over all pairs is minimised on a grid of trial angles and
+    refined by a parabola. The patches are re-measured at the estimate until
+    it moves less than ``tolerance_deg``.
 
-    The estimate needs depth: content spread over a specimen thickness of a
-    few tens of pixels or more. For a very thin specimen the spread vanishes
-    and the uncertainty grows (it is reported).
+    Limits: the estimate needs depth, i.e. content spread over a specimen
+    thickness of tens of pixels; for a thin specimen the axis cannot be told
+    from per-view rotation and the reported uncertainty grows. Line-like
+    patches are excluded (see :data:`AXIS_MAX_ANISOTROPY`), but a specimen
+    dominated by filaments or membranes leaves few patches. On the
+    ``standard-nobeads`` workload (seeds 0-3) the error is a few tenths of a
+    degree (see tests/test_coarse.py and the benchmarks).
 
     Parameters
     ----------
@@ -902,8 +857,8 @@ def find_tilt_axis(
         Nominal tilts, degrees.
     start_deg : float, optional
         Starting angle (e.g. the microscope's nominal value); the answer lies
-        within ``search_deg`` of it. None: a full search over 180 degrees
-        first, from views within +-40 degrees of zero tilt.
+        within ``search_deg`` of it. None: a first pass searches all 180 degrees
+        on views within +-40 degrees of zero tilt, without stretching.
     search_deg : float
         Half-width of the searched range around the start, degrees (<= 90).
     binning : int, optional
@@ -947,18 +902,22 @@ def find_tilt_axis(
     tilt = _check_tilts(tilt_deg, n)
     if start_deg is not None:
         start_deg = _check_angle("start_deg", start_deg)
-    if not (isinstance(search_deg, (int, float)) and 0 < search_deg <= 90):
+    if not (isinstance(search_deg, (int, float, np.integer, np.floating)) and 0 < search_deg <= 90):
         raise ConfigError(f"search_deg: expected a half-width in (0, 90] degrees, got {search_deg!r}")
-    _check_positive("pair_separation_deg", pair_separation_deg)
+    seps = np.atleast_1d(np.asarray(pair_separation_deg, dtype=float))
+    if seps.ndim != 1 or seps.size == 0 or not np.all(np.isfinite(seps) & (seps > 0)):
+        raise ConfigError(f"pair_separation_deg: expected one or more positive tilt differences, got {pair_separation_deg!r}")
     _check_positive("grid_step_deg", grid_step_deg)
     _check_fraction("taper_fraction", taper_fraction, upper=0.5)
-    if not (isinstance(max_passes, (int, np.integer)) and max_passes >= 1):
+    _check_fraction("min_reliable_fraction", min_reliable_fraction, upper=1.0, allow_zero=True)
+    if isinstance(max_passes, bool) or not isinstance(max_passes, (int, np.integer)) or max_passes < 1:
         raise ConfigError(f"max_passes: expected an integer >= 1, got {max_passes!r}")
     if not (8 <= patch_size <= min(images.shape[1:]) and 1 <= patch_step and 1 <= patch_max_shift):
         raise ConfigError(
             f"patch_size / patch_step / patch_max_shift: expected 8 <= size <= {min(images.shape[1:])} (binned view), "
             f"step >= 1 and max shift >= 1, got {patch_size}, {patch_step}, {patch_max_shift}"
         )
+    sep_text = "/".join(f"{v:g}" for v in seps)
     pre = _pretaper(images, taper_fraction)
     measure = dict(
         patch_size=patch_size, patch_step=patch_step, patch_max_shift=patch_max_shift,
@@ -970,19 +929,18 @@ def find_tilt_axis(
         need = max(2, int(np.ceil(min_reliable_fraction * len(pairs))))
         if n_sig < need:
             raise AlignmentError(
-                f"correlation too low: only {n_sig} of {len(pairs)} view pairs {pair_separation_deg:g} degrees apart "
+                f"correlation too low: only {n_sig} of {len(pairs)} view pairs {sep_text} degrees apart "
                 f"correlate significantly (>= {min_significance:g} robust sd); cannot find the tilt axis"
             )
         n_patches = int(data.present.sum())
         if data.present.shape[0] < 2 or n_patches < 30:
             raise AlignmentError(
-                f"correlation too low: only {n_patches} local patches in {data.present.shape[0]} pairs correlate; "
-                "cannot find the tilt axis"
+                f"correlation too low: only {n_patches} point-like patches in {data.present.shape[0]} view pairs "
+                "correlate; cannot find the tilt axis"
             )
-        scale = _plain_scale(data)
-        cost = _axis_misfit(data, deltas, scale)
+        cost = _axis_misfit(data, deltas, _plain_scale(data))
         delta, curvature = _minimise_curve(deltas, cost)
-        sigma = float(np.sqrt(1.0 / curvature)) if np.isfinite(curvature) and curvature > 0 else float("nan")
+        sigma = float(np.sqrt(2.0 / curvature) / AXIS_CAUCHY_SCALE) if np.isfinite(curvature) and curvature > 0 else float("nan")
         curve = np.stack([phi0 + deltas, cost], axis=1)
         return phi0 + delta, sigma, curve, data.present.shape[0], n_patches
 
@@ -993,14 +951,12 @@ def find_tilt_axis(
         pairs0 = _axis_pairs(tilt, pair_separation_deg, 40.0)
         if len(pairs0) < 2:
             pairs0 = _axis_pairs(tilt, pair_separation_deg, None)
-        deltas0 = np.arange(-90.0, 90.0, 1.0)
-        phi, _, _, _, _ = run_pass(0.0, pairs0, False, deltas0)
+        phi, _, _, _, _ = run_pass(0.0, pairs0, False, np.arange(-90.0, 90.0, 1.0))
         passes += 1
         start = _wrap_half_turn(phi)
-        search = min(float(search_deg), 3.0)
     else:
         start = float(start_deg)
-        search = float(search_deg)
+    search = float(search_deg)
     pairs = _axis_pairs(tilt, pair_separation_deg, None)
     if len(pairs) < 2:
         raise ConfigError(

@@ -128,10 +128,10 @@ class FiducialAligner:
             )
         axis = observation.tilt_axis_deg
         if p.search_tilt_axis:
-            axis = find_tilt_axis(images, tilt, start_deg=axis).angle_deg
+            axis = find_tilt_axis(observation.stack, tilt, start_deg=axis).angle_deg
         elif axis is None:
             raise AlignmentError("fiducial: the observation has no nominal tilt axis; set search_tilt_axis=true")
-        coarse = coarse_align(images, tilt, axis)
+        coarse = coarse_align(observation.stack, tilt, axis)
         seeds = choose_seeds(found, observation.image_shape, p.n_beads or len(found.xy), min_separation_px=2 * diameter)
         tracks = track_beads(images, tilt, coarse.geometry, found.xy[seeds], start_view=ref, diameter_px=diameter)
         log.info(

@@ -13,6 +13,7 @@ with ``b(p) ~ a(p - d)``, i.e. ``d`` is how far ``b``'s content sits from
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -53,13 +54,15 @@ def _workers() -> int:
     return -1
 
 
-def to_line_integrals(stack: np.ndarray) -> np.ndarray:
+def to_line_integrals(stack: np.ndarray, *, first_view: int = 0) -> np.ndarray:
     """Attenuation images ``-log(counts / mean)`` of a stack of electron counts.
 
     Parameters
     ----------
     stack : (n, h, w) or (h, w) array
         Detector counts; values below 0.5 are clipped to 0.5 before the logarithm.
+    first_view : int
+        Index of the first given view in its series, used only in error messages.
 
     Returns
     -------
@@ -82,10 +85,10 @@ def to_line_integrals(stack: np.ndarray) -> np.ndarray:
     for i in range(arr.shape[0]):
         view = np.asarray(arr[i], dtype=np.float32)
         if not np.all(np.isfinite(view)):
-            raise ConfigError(f"stack: view {i} contains NaN or infinite counts")
+            raise ConfigError(f"stack: view {first_view + i} contains NaN or infinite counts")
         mean = float(view.mean(dtype=np.float64))
         if not mean > 0:
-            raise ConfigError(f"stack: view {i} has mean count {mean:.4g}; expected a positive mean")
+            raise ConfigError(f"stack: view {first_view + i} has mean count {mean:.4g}; expected a positive mean")
         np.maximum(view, np.float32(MIN_COUNT), out=out[i])
         out[i] *= np.float32(1.0 / mean)
         np.log(out[i], out=out[i])
@@ -200,14 +203,24 @@ def bandpass_filter(
         raise ConfigError(f"lowpass_rolloff: expected a positive width in cycles/px, got {lowpass_rolloff!r}")
     if highpass is not None and not (0 < highpass < 0.5):
         raise ConfigError(f"highpass: expected a sigma in (0, 0.5) cycles/px, got {highpass!r}")
-    k = frequency_radius(shape)
+    key = (int(shape[0]), int(shape[1]), None if lowpass is None else float(lowpass), float(lowpass_rolloff),
+           None if highpass is None else float(highpass))
+    return _cached_filter(*key)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_filter(h: int, w: int, lowpass: float | None, rolloff: float, highpass: float | None) -> np.ndarray:
+    """The filter of :func:`bandpass_filter`, computed once per shape and band (read-only)."""
+    k = frequency_radius((h, w))
     filt = np.ones_like(k)
     if lowpass is not None:
         over = np.maximum(k - lowpass, 0.0)
-        filt *= np.exp(-(over * over) / (2.0 * lowpass_rolloff**2))
+        filt *= np.exp(-(over * over) / (2.0 * rolloff**2))
     if highpass is not None:
         filt *= -np.expm1(-(k * k) / (2.0 * highpass**2))
-    return filt.astype(np.float32)
+    out = filt.astype(np.float32)
+    out.flags.writeable = False
+    return out
 
 
 def bandpass(image: np.ndarray, *, lowpass: float | None = None, lowpass_rolloff: float = 0.05, highpass: float | None = None) -> np.ndarray:
@@ -254,6 +267,43 @@ def edge_taper(image: np.ndarray, width_px: float, *, mean: float | None = None)
     return (m + (arr - m) * taper_window(arr.shape, width_px)).astype(np.float32)
 
 
+@numba.njit(cache=True, nogil=True)
+def _bilinear_affine(image, m_rc, off_rc, ho, wo, cval):  # pragma: no cover - compiled
+    """``out[r, c] = image at (m_rc @ (r, c) + off_rc)`` by bilinear interpolation; ``cval`` outside ``[0, n - 1]``.
+
+    The same rule as scipy's ``mode="constant"``: no interpolation toward
+    ``cval`` beyond the last pixel centre.
+    """
+    h, w = image.shape
+    out = np.empty((ho, wo), dtype=np.float32)
+    for r in range(ho):
+        y0 = m_rc[0, 0] * r + off_rc[0]
+        x0 = m_rc[1, 0] * r + off_rc[1]
+        for c in range(wo):
+            y = y0 + m_rc[0, 1] * c
+            x = x0 + m_rc[1, 1] * c
+            if y < -1e-9 or y > h - 1 + 1e-9 or x < -1e-9 or x > w - 1 + 1e-9:
+                out[r, c] = cval
+                continue
+            y = min(max(y, 0.0), h - 1.0)
+            x = min(max(x, 0.0), w - 1.0)
+            iy = int(np.floor(y))
+            ix = int(np.floor(x))
+            fy = y - iy
+            fx = x - ix
+            acc = 0.0
+            for dy in range(2):
+                yy = iy + dy
+                wy = fy if dy else 1.0 - fy
+                for dx in range(2):
+                    xx = ix + dx
+                    wx = fx if dx else 1.0 - fx
+                    if wy * wx != 0.0:
+                        acc += wy * wx * image[yy, xx]
+            out[r, c] = acc
+    return out
+
+
 def affine_resample(
     image: np.ndarray,
     matrix: np.ndarray,
@@ -279,13 +329,19 @@ def affine_resample(
     output_shape : (ho, wo), optional
         Defaults to the input shape.
     order : int
-        Spline order (1: bilinear).
+        Spline order: 1 (bilinear, compiled) or higher (scipy splines).
     cval : float
-        Value where ``matrix @ q + offset`` falls outside the input.
+        Value where ``matrix @ q + offset`` falls outside the input's pixel centres.
+
+    Returns
+    -------
+    (ho, wo) float32 array
     """
-    arr = np.asarray(image, dtype=np.float32)
+    arr = np.ascontiguousarray(image, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ConfigError(f"affine_resample: expected a 2-D image, got shape {arr.shape}")
     h, w = arr.shape
-    ho, wo = tuple(output_shape or (h, w))
+    ho, wo = (int(v) for v in (output_shape or (h, w)))
     m = np.asarray(matrix, dtype=float)
     t = np.asarray(offset, dtype=float)
     # In (row, col) order: input_rc = M_rc @ output_rc + off_rc.
@@ -293,24 +349,42 @@ def affine_resample(
     centre_in = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
     centre_out = np.array([(ho - 1) / 2.0, (wo - 1) / 2.0])
     off_rc = np.array([t[1], t[0]]) + centre_in - m_rc @ centre_out
+    if order == 1:
+        return _bilinear_affine(arr, m_rc, off_rc, ho, wo, float(cval))
     return ndimage.affine_transform(
         arr, m_rc, offset=off_rc, output_shape=(ho, wo), order=order, mode="constant", cval=cval, prefilter=order > 1
-    )
+    ).astype(np.float32, copy=False)
 
 
-def fourier_shift(image: np.ndarray, shift_xy: tuple[float, float]) -> np.ndarray:
-    """Translate an image by a sub-pixel ``(dx, dy)`` with a Fourier phase ramp (periodic): ``out(p) = image(p - d)``."""
+def fourier_shift(image: np.ndarray, shift_xy) -> np.ndarray:
+    """Translate by a sub-pixel ``(dx, dy)`` with a Fourier phase ramp (periodic): ``out(p) = image(p - d)``.
+
+    Parameters
+    ----------
+    image : (h, w) or (m, h, w) array
+    shift_xy : (2,) or (m, 2) array
+        One shift, or one per image of a stack.
+
+    Returns
+    -------
+    float64 array of the input's shape
+    """
     arr = np.asarray(image, dtype=float)
-    h, w = arr.shape
+    h, w = arr.shape[-2:]
+    d = np.asarray(shift_xy, dtype=float)
+    if d.shape[-1:] != (2,) or (d.ndim == 2 and (arr.ndim != 3 or d.shape[0] != arr.shape[0])) or d.ndim > 2:
+        raise ConfigError(f"fourier_shift: expected a (2,) shift or one (m, 2) row per image, got shape {d.shape} for {arr.shape}")
     fy = fft.fftfreq(h)[:, None]
     fx = fft.rfftfreq(w)[None, :]
-    ramp = np.exp(-2j * np.pi * (fx * shift_xy[0] + fy * shift_xy[1]))
+    dx = d[..., 0, None, None] if d.ndim == 2 else d[0]
+    dy = d[..., 1, None, None] if d.ndim == 2 else d[1]
+    ramp = np.exp(-2j * np.pi * (fx * dx + fy * dy))
+    # The Nyquist row/column of a real signal cannot carry an odd phase; keep it real.
     if w % 2 == 0:
-        # The Nyquist column of a real signal cannot carry an odd phase; keep it real.
-        ramp[:, -1] = ramp[:, -1].real
+        ramp[..., :, -1] = ramp[..., :, -1].real
     if h % 2 == 0:
-        ramp[h // 2, :] = ramp[h // 2, :].real
-    return fft.irfft2(fft.rfft2(arr) * ramp, s=(h, w))
+        ramp[..., h // 2, :] = ramp[..., h // 2, :].real
+    return fft.irfft2(fft.rfft2(arr, workers=_workers()) * ramp, s=(h, w), workers=_workers())
 
 
 def extract_patches(image: np.ndarray, corners_rc: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
@@ -450,33 +524,39 @@ def _hermitian_weights(width: int, dtype=np.float32) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def _dft_contract(cross, ey, ex):  # pragma: no cover - compiled
-    """``Re(ey[k] @ cross[k] @ ex[k])`` for every map ``k``, in real arithmetic.
+def _dft_contract(cross, xs, ys, h, w):  # pragma: no cover - compiled
+    """``sum_{ky,kx} wt(kx) cross[k, ky, kx] exp(2 pi i (ky y / h + kx x / w))`` (real part) on per-map grids.
 
     A compiled loop rather than BLAS: the products are small and many, and a
     threaded BLAS on a busy machine spends more time waiting than computing.
     """
-    m, h, wr = cross.shape
-    ny = ey.shape[1]
-    nx = ex.shape[2]
-    out = np.empty((m, ny, nx))
+    m, hh, wr = cross.shape
+    ny = ys.shape[1]
+    nx = xs.shape[1]
+    out = np.zeros((m, ny, nx))
+    tr = np.empty((ny, wr))
+    ti = np.empty((ny, wr))
     for k in range(m):
-        tr = np.zeros((ny, wr))
-        ti = np.zeros((ny, wr))
-        for r in range(h):
+        tr[:] = 0.0
+        ti[:] = 0.0
+        for r in range(hh):
+            kyv = r if r <= (h - 1) // 2 else r - h  # fftfreq order
             for a in range(ny):
-                er = ey[k, a, r].real
-                ei = ey[k, a, r].imag
+                ph = 2.0 * np.pi * ((kyv * ys[k, a]) % h) / h
+                er = np.cos(ph)
+                ei = np.sin(ph)
                 for c in range(wr):
                     z = cross[k, r, c]
                     tr[a, c] += er * z.real - ei * z.imag
                     ti[a, c] += er * z.imag + ei * z.real
-        for a in range(ny):
-            for b in range(nx):
-                acc = 0.0
-                for c in range(wr):
-                    acc += tr[a, c] * ex[k, c, b].real - ti[a, c] * ex[k, c, b].imag
-                out[k, a, b] = acc
+        for b in range(nx):
+            for c in range(wr):
+                ph = 2.0 * np.pi * ((c * xs[k, b]) % w) / w
+                wt = 1.0 if (c == 0 or (w % 2 == 0 and c == w // 2)) else 2.0
+                cr = wt * np.cos(ph)
+                ci = wt * np.sin(ph)
+                for a in range(ny):
+                    out[k, a, b] += tr[a, c] * cr - ti[a, c] * ci
     return out
 
 
@@ -487,11 +567,8 @@ def _dft_eval(cross: np.ndarray, shape: tuple[int, int], xs: np.ndarray, ys: np.
     unnormalised (a common positive factor does not move a maximum).
     """
     h, w = shape
-    ky = fft.fftfreq(h) * h
-    kx = np.arange(w // 2 + 1)
-    ey = np.exp((2j * np.pi / h) * np.mod(ys[:, :, None] * ky[None, None, :], h))
-    ex = np.exp((2j * np.pi / w) * np.mod(kx[None, :, None] * xs[:, None, :], w)) * _hermitian_weights(w, float)[None, :, None]
-    return _dft_contract(np.ascontiguousarray(cross), np.ascontiguousarray(ey), np.ascontiguousarray(ex))
+    return _dft_contract(np.ascontiguousarray(cross), np.ascontiguousarray(xs, dtype=float),
+                         np.ascontiguousarray(ys, dtype=float), int(h), int(w))
 
 
 def _parabola_offsets(maps: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndarray:
@@ -596,7 +673,8 @@ def _peak_curvature(maps: np.ndarray, iy: np.ndarray, ix: np.ndarray) -> np.ndar
 
 def _robust_significance(maps: np.ndarray, peaks: np.ndarray) -> np.ndarray:
     flat = maps.reshape(len(maps), -1)
-    step = max(1, flat.shape[1] // 65536)
+    # a few thousand values fix a median and a MAD to within a few per cent
+    step = max(1, flat.shape[1] // 4096)
     flat = flat[:, ::step]
     med = np.median(flat, axis=1)
     mad = np.median(np.abs(flat - med[:, None]), axis=1) * 1.4826
@@ -616,7 +694,6 @@ def correlate_stack(
     upsample: int = 20,
     chunk: int = 128,
     return_maps: bool = False,
-    whiten: float = 0.0,
 ):
     """Normalised cross-correlation of each pair ``(a[k], b[k])`` of equally shaped images.
 
@@ -649,12 +726,6 @@ def correlate_stack(
         Pairs transformed at once (bounds memory).
     return_maps : bool
         Also return the normalised maps (m, 2 sy + 1, 2 sx + 1), zero shift at the centre.
-    whiten : float
-        Divide the cross-power spectrum by its magnitude to this power before
-        filtering: 0 is plain correlation, 1 phase correlation (sharp peaks
-        whatever the images' spectra). With ``whiten > 0`` the peak is
-        normalised so that identical images give 1, but it is no longer a
-        correlation coefficient.
 
     Returns
     -------
@@ -696,13 +767,6 @@ def correlate_stack(
         energy[sl, 0], energy[sl, 1] = ea / (shape[0] * shape[1]), eb / (shape[0] * shape[1])
         cross = np.conj(fa)
         cross *= fb
-        if whiten > 0:
-            mag = np.abs(cross)
-            floor = 1e-6 * mag.mean(axis=(1, 2), keepdims=True) + np.finfo(np.float32).tiny
-            cross /= np.power(mag + floor, whiten).astype(np.float32)
-            # normalise so that two identical images still peak at 1
-            norm = np.einsum("kij,j->k", np.abs(cross) * filt, wts, dtype=np.float64)
-            ok = norm > 0
         cross *= filt
         cc = fft.irfft2(cross, s=shape, workers=_workers())
         scale = np.where(ok, (shape[0] * shape[1]) / np.where(ok, norm, 1.0), 0.0).astype(np.float32)
