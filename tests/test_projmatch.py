@@ -137,18 +137,26 @@ def test_pure_noise_fails(small_series):
 
 
 def test_standard_nobeads_seed0_improves_on_coarse():
-    """The default pipeline (coarse start, binning 4) on the standard workload.
+    """The default pipeline (coarse start, matching at binning 4, then layered landmarks) on the standard workload.
 
-    Measured (seed 0): coarse start 2.2 px, result 1.0-1.1 px RMS alignment error (run to run,
-    threaded reductions differ).
-    The issue's target (< 0.3 px) is not met; see tests/test_benchmarks_projmatch.py.
+    Measured (seed 0): coarse start 2.21 px; matching alone 1.05 px; after
+    the four landmark passes 1.00 px (0.86 after six; the passes scatter by
+    about 0.1 px). On seeds 1-4 the landmark passes take 2.02/2.29/1.92/1.66 px
+    to 1.34/1.65/0.97/1.37 px. The issue's target (< 0.3 px) is not met; see
+    tests/test_benchmarks_projmatch.py.
     """
     series = simtomo.simulate("standard-nobeads", seed=0)
     truth = series.geometry
     thick = thickness_px(series.truth())
     result = ProjmatchAligner().align(series.observation())
+    its = result.info["iterations"]
     start = geometry_from_dict(result.info["start_geometry"], truth)
     e_start = alignment_error(start, truth, thickness_px=thick).rms_px
     e_end = alignment_error(result.geometry, truth, thickness_px=thick).rms_px
-    assert e_end < 0.85 * e_start, (e_start, e_end)
-    assert result.info["iterations"][-1]["binning"] == 4
+    matched = [r for r in its if r["stage"] == "matching"]
+    e_matched = alignment_error(geometry_from_dict(matched[-1]["geometry"], truth), truth, thickness_px=thick).rms_px
+    assert e_matched < 0.85 * e_start, (e_start, e_matched)
+    # the landmark passes ran (4 by default); on this seed they gain little (see above)
+    assert [r["stage"] for r in its[-4:]] == ["landmarks"] * 4
+    assert e_end < 0.5 * e_start, (e_start, e_matched, e_end)
+    assert its[-1]["binning"] == 4
