@@ -90,10 +90,14 @@ coarse alignment finds no correlation, :class:`~simtomo.errors.AlignmentError`
 ("correlation too low") is raised rather than a geometry returned.
 
 Convergence is recorded in ``AlignmentResult.info["iterations"]``: per
-iteration the binning, the largest and RMS per-view update (px), the mean
-patch correlation, the number of reliable views and the geometry
-(:func:`geometry_from_dict` rebuilds it); ``info["start_geometry"]`` holds the
-start, ``info["cpu_seconds"]`` and ``info["wall_seconds"]`` the cost.
+iteration its stage (``matching`` or ``landmarks``), the binning, the largest
+and RMS per-view update (px), the mean patch correlation (matching) or the
+landmarks used and their residual (landmarks), and the geometry
+(:func:`geometry_from_dict` rebuilds it); ``info["converged"]`` says whether
+the matching stage's stop rule fired; ``info["start_geometry"]`` holds the
+start, ``info["cpu_seconds"]`` and ``info["wall_seconds"]`` the cost. The
+residual report is the last landmark pass's bundle residual (the matching
+stage's per-view patch-fit RMS when no landmark pass ran).
 """
 
 from __future__ import annotations
@@ -557,15 +561,18 @@ class ProjmatchAligner:
                 geometry, scan = self._axis_scan(stage, geometry)
                 info.setdefault("axis_scans", []).append(scan)
                 geometry, stats = self._run_stage(stage, geometry, tol, history)
+        landmark_report = None
         if p.landmark_passes:
-            geometry = self._landmarks(stacks[binnings[0]], geometry, thickness, observation, history)
+            geometry, landmark_report = self._landmarks(stacks[binnings[0]], geometry, thickness, observation, history)
         info["iterations"] = history
-        info["converged"] = bool(history and history[-1].get("converged", False))
+        # the stop rule is the matching stage's; the landmark passes run a fixed number of times
+        matching = [r for r in history if r["stage"] == "matching"]
+        info["converged"] = bool(matching and matching[-1].get("converged", False))
         info["wall_seconds"] = time.perf_counter() - t_start
         info["cpu_seconds"] = time.process_time() - cpu_start
         info["tilt_axis_deg"] = float(np.mean(geometry.rot_deg))
-        residuals = None
-        if stats is not None:
+        residuals = landmark_report
+        if residuals is None and stats is not None:
             rms = np.asarray(stats["fit_rms"], dtype=float) * finest
             finite = np.isfinite(rms)
             residuals = ResidualReport(
@@ -580,29 +587,34 @@ class ProjmatchAligner:
         return AlignmentResult(geometry=geometry, residuals=residuals, info=info)
 
     def _landmarks(self, stage: BinnedStack, geometry: Geometry, thickness: float, observation: Observation,
-                   history: list) -> Geometry:
-        """Layered-landmark bundle adjustment (:func:`aligners.landmarks.refine_by_landmarks`), one pass at a time."""
+                   history: list) -> tuple[Geometry, ResidualReport | None]:
+        """Layered-landmark bundle adjustment (:func:`aligners.landmarks.refine_by_landmarks`), one pass at a time.
+
+        Returns the geometry and the residual report of the last pass (None when no pass ran).
+        """
         p = self.params
         b = stage.binning
         images = stage.images
         vol_shape = self._volume_shape(geometry, images.shape[1:], b, thickness)
         options = LandmarkOptions(layer_px=p.landmark_layer_px, iterations=1)
+        report = None
         for it in range(p.landmark_passes):
             t0 = time.perf_counter()
             try:
-                new, passes, _ = refine_by_landmarks(
+                new, passes, solution = refine_by_landmarks(
                     images, b, geometry, vol_shape, thickness, options=options,
                     acquisition_order=observation.acquisition_order,
                     reconstruct_kwargs={"weighting": p.weighting, "workers": p.workers},
                 )
             except AlignmentError as exc:
-                # Far from the answer the layers are too blurred to match; the
-                # matching stages below converge from there and judge the data.
+                # The layers did not match (too coarse a sampling for the windows, or too
+                # far from the answer); the matching stages' result stands.
                 log.warning("projmatch: landmark pass %d skipped (%s)", it + 1, exc)
                 break
             # the bundle adjustment fixes its own gauge: measure the change without it
             change = alignment_error(new, geometry, thickness_px=thickness).per_view_px
             geometry = new
+            report = solution.report
             history.append({
                 "stage": "landmarks",
                 "binning": b,
@@ -614,7 +626,7 @@ class ProjmatchAligner:
                 "seconds": time.perf_counter() - t0,
                 "geometry": _geometry_dict(geometry),
             })
-        return geometry
+        return geometry, report
 
     def _run_stage(self, stage: _Stage, geometry: Geometry, tol: float, history: list) -> tuple[Geometry, dict | None]:
         """Iterate at one binning until the largest update is below ``tol`` (or ``max_iterations``); appends to ``history``."""
