@@ -47,6 +47,7 @@ import numpy as np
 from aligners import imageops
 from simtomo.errors import AlignmentError, ConfigError
 from simtomo.geometry import Geometry, rotation_2d
+from simtomo.imaging import log_intensity
 
 __all__ = [
     "BinnedStack",
@@ -71,7 +72,7 @@ class BinnedStack:
     Parameters
     ----------
     images : (n, hb, wb) float32 array
-        ``-log(counts / mean)`` of each view (:func:`aligners.imageops.to_line_integrals`),
+        ``-log(counts / mean)`` of each view (:func:`simtomo.imaging.log_intensity`),
         binned by ``binning`` with the image centre preserved.
     binning : int
         Binning factor relative to the detector pixels.
@@ -116,13 +117,13 @@ def binned_line_integrals(stack: np.ndarray, binning: int) -> BinnedStack:
     Raises
     ------
     ConfigError
-        For a malformed stack (see :func:`aligners.imageops.to_line_integrals`) or binning.
+        For a malformed stack (see :func:`simtomo.imaging.log_intensity`) or binning.
     """
     arr = _check_stack(stack)
     n, h, w = arr.shape
     out = None
     for i in range(n):
-        view = imageops.fourier_bin(imageops.to_line_integrals(np.asarray(arr[i : i + 1]), first_view=i), binning)[0]
+        view = imageops.fourier_bin(log_intensity(np.asarray(arr[i : i + 1]), first_view=i), binning)[0]
         if out is None:
             out = np.empty((n,) + view.shape, dtype=np.float32)
         out[i] = view

@@ -23,9 +23,9 @@ import numpy as np
 from aligners.beads import choose_seeds, detect_beads, estimate_bead_diameter, retrack, track_beads
 from aligners.bundle import BundleOptions, VariableModel, solve
 from aligners.coarse import coarse_align, find_tilt_axis
-from aligners.imageops import to_line_integrals
 from simtomo.alignment import AlignmentResult
 from simtomo.errors import AlignmentError, ConfigError
+from simtomo.imaging import log_intensity
 from simtomo.observation import Observation
 
 __all__ = ["FiducialAligner", "FiducialParams"]
@@ -117,7 +117,7 @@ class FiducialAligner:
         start = time.perf_counter()
         p = self.params
         tilt = observation.tilt_deg
-        images = to_line_integrals(observation.stack)
+        images = log_intensity(observation.stack)
         ref = int(np.argmin(np.abs(tilt)))
         # beads first: a series without gold fails in a second, not after the coarse alignment
         diameter = self._diameter_px(observation, images[ref])

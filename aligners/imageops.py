@@ -24,7 +24,6 @@ from scipy import fft, ndimage
 from simtomo.errors import ConfigError
 
 __all__ = [
-    "to_line_integrals",
     "fourier_bin",
     "auto_binning",
     "frequency_radius",
@@ -46,54 +45,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Counts below this are clipped before the logarithm (a zero count has no line integral).
-MIN_COUNT = 0.5
-
-
 def _workers() -> int:
     return -1
-
-
-def to_line_integrals(stack: np.ndarray, *, first_view: int = 0) -> np.ndarray:
-    """Attenuation images ``-log(counts / mean)`` of a stack of electron counts.
-
-    Parameters
-    ----------
-    stack : (n, h, w) or (h, w) array
-        Detector counts; values below 0.5 are clipped to 0.5 before the logarithm.
-    first_view : int
-        Index of the first given view in its series, used only in error messages.
-
-    Returns
-    -------
-    float32 array of the same shape
-        Each view's ``-log(max(counts, 0.5) / mean(view))``: dense (dark) content is positive.
-
-    Raises
-    ------
-    ConfigError
-        For an empty stack, a view holding NaN or infinite values, or a view
-        whose mean count is not positive (naming the view).
-    """
-    arr = np.asarray(stack)
-    single = arr.ndim == 2
-    if single:
-        arr = arr[None]
-    if arr.ndim != 3 or arr.size == 0:
-        raise ConfigError(f"stack: expected a non-empty (n, h, w) or (h, w) array of counts, got shape {np.shape(stack)}")
-    out = np.empty(arr.shape, dtype=np.float32)
-    for i in range(arr.shape[0]):
-        view = np.asarray(arr[i], dtype=np.float32)
-        if not np.all(np.isfinite(view)):
-            raise ConfigError(f"stack: view {first_view + i} contains NaN or infinite counts")
-        mean = float(view.mean(dtype=np.float64))
-        if not mean > 0:
-            raise ConfigError(f"stack: view {first_view + i} has mean count {mean:.4g}; expected a positive mean")
-        np.maximum(view, np.float32(MIN_COUNT), out=out[i])
-        out[i] *= np.float32(1.0 / mean)
-        np.log(out[i], out=out[i])
-        np.negative(out[i], out=out[i])
-    return out[0] if single else out
 
 
 def auto_binning(shape: tuple[int, int], target_px: int) -> int:

@@ -136,7 +136,7 @@ def add_noise(counts: np.ndarray, detector: DetectorConfig, rng: np.random.Gener
     return image
 
 
-def log_intensity(stack: np.ndarray) -> np.ndarray:
+def log_intensity(stack: np.ndarray, *, first_view: int = 0) -> np.ndarray:
     """Line-integral images ``-log(I / I0)`` of electron counts: what a reconstruction inverts.
 
     Parameters
@@ -144,6 +144,9 @@ def log_intensity(stack: np.ndarray) -> np.ndarray:
     stack : (n, h, w) or (h, w) array
         Counts per pixel. Values below 0.5 are raised to 0.5 so that empty
         pixels stay finite.
+    first_view : int
+        Index of the first given view in its series, for error messages only
+        (a stack converted view by view still names the right view).
 
     Returns
     -------
@@ -159,7 +162,7 @@ def log_intensity(stack: np.ndarray) -> np.ndarray:
     """
     arr = np.asarray(stack)
     if arr.ndim == 2:
-        return log_intensity(arr[None])[0]
+        return log_intensity(arr[None], first_view=first_view)[0]
     if arr.ndim != 3 or arr.size == 0:
         raise ConfigError(f"stack: expected a non-empty (n, h, w) or (h, w) array of counts, got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
@@ -169,9 +172,9 @@ def log_intensity(stack: np.ndarray) -> np.ndarray:
         view = arr[i]
         mean = float(view.mean(dtype=np.float64))
         if not math.isfinite(mean):
-            raise ConfigError(f"stack: view {i} contains NaN or infinite counts")
+            raise ConfigError(f"stack: view {first_view + i} contains NaN or infinite counts")
         if mean <= 0.0:
-            raise ConfigError(f"stack: view {i} has mean count {mean:g}; expected a positive mean (I0)")
+            raise ConfigError(f"stack: view {first_view + i} has mean count {mean:g}; expected a positive mean (I0)")
         o = out[i]
         np.maximum(view, 0.5, out=o, casting="same_kind")
         np.log(o, out=o)

@@ -23,6 +23,7 @@ from aligners.xcorr import XcorrAligner, XcorrParams
 from simtomo.alignment_error import alignment_error
 from simtomo.errors import AlignmentError, ConfigError
 from simtomo.geometry import Geometry, pixel_coordinates, rotation_2d
+from simtomo.imaging import log_intensity
 from simtomo.observation import Observation
 from simtomo.projector import project_gaussians
 from simtomo.registry import _param_help
@@ -46,11 +47,11 @@ def texture(shape, seed=0, lowpass=0.2):
 # --------------------------------------------------------------------------- #
 
 
-def test_to_line_integrals_follows_the_definition():
+def test_log_intensity_follows_the_definition():
     rng = np.random.default_rng(0)
     counts = rng.uniform(0.0, 200.0, (3, 16, 20)).astype(np.float32)
     counts[0, 0, :5] = [0.0, 0.1, 0.49, 0.5, 0.51]
-    out = imageops.to_line_integrals(counts)
+    out = log_intensity(counts)
     assert out.dtype == np.float32 and out.shape == counts.shape
     expected = -np.log(np.maximum(counts.astype(float), 0.5) / counts.mean(axis=(1, 2), keepdims=True))
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
@@ -65,14 +66,19 @@ def test_to_line_integrals_follows_the_definition():
         (lambda s: s.__setitem__(1, 0.0), ["view 1", "mean"]),
     ],
 )
-def test_to_line_integrals_names_the_bad_view(bad, words):
+def test_log_intensity_names_the_bad_view(bad, words):
     stack = np.full((3, 8, 8), 50.0)
     bad(stack)
     with pytest.raises(ConfigError) as err:
-        imageops.to_line_integrals(stack)
+        log_intensity(stack)
     assert all(w in str(err.value) for w in words)
     with pytest.raises(ConfigError, match="non-empty"):
-        imageops.to_line_integrals(np.zeros((0, 8, 8)))
+        log_intensity(np.zeros((0, 8, 8)))
+    # converted view by view, a binned stack still names the series' view
+    series = np.full((6, 16, 16), 50.0)
+    series[4, 2, 2] = np.inf
+    with pytest.raises(ConfigError, match="view 4 "):
+        binned_line_integrals(series, 2)
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (65, 66), (67, 61)])
