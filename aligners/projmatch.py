@@ -74,8 +74,10 @@ Known limits (measured on ``standard-nobeads``, seeds 0-4, default
 parameters): from the coarse start (2.2-3.0 px RMS alignment error) the
 matching stage alone reaches 1.05-2.3 px; with the landmark passes the result
 is 0.9-1.7 px. The issue's target (< 0.3 px) is not met. What remains is
-smooth over tilt (tilt-angle and magnification trends) and the landmark
-measurements are noisy (about 1 binned px per window at binning 4, where the
+smooth over tilt, grows with |tilt| (about 0.5 px near zero, 2-3 px at
++-60 degrees) and sits mostly in the per-view shifts: setting the tilts,
+rotations and magnifications to the truth moved seed 2 only from 1.65 to
+1.45 px. The landmark measurements are noisy (about 1 binned px per window at binning 4, where the
 other layers' content is clutter), so successive passes scatter by a few
 tenths of a pixel rather than converge. Per-view rotations
 ``phi_i + m / cos(theta_i)`` are an exact null direction of the matching for
@@ -609,7 +611,7 @@ class ProjmatchAligner:
             except AlignmentError as exc:
                 # The layers did not match (too coarse a sampling for the windows, or too
                 # far from the answer); the matching stages' result stands.
-                log.warning("projmatch: landmark pass %d skipped (%s)", it + 1, exc)
+                log.warning("projmatch: landmark passes stopped at pass %d (%s)", it + 1, exc)
                 break
             # the bundle adjustment fixes its own gauge: measure the change without it
             change = alignment_error(new, geometry, thickness_px=thickness).per_view_px
