@@ -102,6 +102,9 @@ def convergence_figure(table: pd.DataFrame, summary: dict[int, dict]) -> Figure:
             ax.plot(last.iteration, y, marker, ms=11, mfc="none", mec="k", mew=1.2,
                     label=stop if (ax, stop) not in stop_labelled else None)
             stop_labelled[(ax, stop)] = True
+        # what the aligner returns (the mean of the landmark passes), beside the last pass
+        ax_err.plot(rows.iteration.max() + 0.4, summary[seed]["final_error_rms_px"], "*", ms=11, color=color,
+                    mec="k", mew=0.6, label=None if i else "returned geometry (mean of the landmark passes)")
     for tol in sorted(table.tolerance_px.dropna().unique()):
         ax_upd.axhline(tol, color="k", ls="--", lw=1, label=f"stop tolerance {tol:g} px")
     ax_err.set_xlabel("iteration (0 = coarse-alignment start)")
@@ -180,7 +183,7 @@ def readme(command: str, table: pd.DataFrame, summary: dict[int, dict], seconds:
         "Iteration 0 is the start (coarse alignment); then come the projection-matching iterations, then the landmark "
         "passes (bundle adjustment of layered landmarks), numbered on. Their updates are measured differently: "
         "a landmark pass by the gauge-free change of the geometry, a matching iteration by the RMS displacement over "
-        "the field of view; only the matching stage has the stop rule. Numbers: `convergence.csv`, `summary.json`; settings: `config.json`.", "",
+        "the field of view; only the matching stage has the stop rule. A star marks the geometry the aligner returns, the mean of the landmark passes. Numbers: `convergence.csv`, `summary.json`; settings: `config.json`.", "",
         f"Made by `{command}` in {seconds:.0f} s (simtomo {simtomo.__version__}).", "",
         "![convergence](convergence.png)", "", "[SVG](convergence.svg)", "",
         "| seed | start error (px RMS) | after matching (px RMS) | final error (px RMS) | lowest error (px RMS, iteration) | iterations | converged | aligner wall time (s) |",
