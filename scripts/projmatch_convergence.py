@@ -220,11 +220,13 @@ def _findings(table: pd.DataFrame, summary: dict[int, dict]) -> list[str]:
     if not worse:
         out.append("No seed ends more than 0.01 px above its lowest recorded error.")
     else:
-        out.append("The error does not fall monotonically: "
+        out.append("The returned geometry is not the best one recorded: "
                    + ", ".join(f"seed {seed} is lowest at iteration {summary[seed]['min_error_iteration']} "
-                               f"({summary[seed]['min_error_rms_px']:.3f} px) and ends {r:.3f} px above it"
+                               f"({summary[seed]['min_error_rms_px']:.3f} px) and returns {r:.3f} px more"
+                               + (" (the last pass beat the mean of the passes)"
+                                  if summary[seed]["min_error_iteration"] == summary[seed]["iterations"] else "")
                                for seed, r in worse.items())
-                   + ": past the lowest point, further iterations made the result worse.")
+                   + ".")
     n_conv = sum(x["converged"] for x in s)
     tol = table.tolerance_px.dropna().unique()
     out.append(f"The stop rule (largest matching update below {', '.join(f'{t:g}' for t in tol)} px) fired in {n_conv} of {len(s)} seeds"
