@@ -142,8 +142,8 @@ def test_standard_nobeads_seed0_improves_on_coarse():
     """The default pipeline (coarse start, matching at binning 4, then layered landmarks) on the standard workload.
 
     Measured (seed 0): coarse start 2.21 px; matching alone 1.02 px; the
-    mean of the four landmark passes 0.84 px. On seeds 1-4 matching reaches
-    1.56/1.43/1.57/1.69 px and the landmark passes 1.31/1.00/1.03/1.41 px.
+    mean of the twelve landmark passes 0.84 px. On seeds 1-4 matching reaches
+    1.56/1.43/1.57/1.69 px and the landmark passes 0.94/0.76/0.76/1.13 px.
     The issue's target (< 0.3 px) is not met; see
     tests/test_benchmarks_projmatch.py.
     """
@@ -158,9 +158,10 @@ def test_standard_nobeads_seed0_improves_on_coarse():
     matched = [r for r in its if r["stage"] == "matching"]
     e_matched = alignment_error(geometry_from_dict(matched[-1]["geometry"], truth), truth, thickness_px=thick).rms_px
     assert e_matched < 0.85 * e_start, (e_start, e_matched)
-    # the landmark passes ran (4 by default) and the result is their mean
-    assert [r["stage"] for r in its[-4:]] == ["landmarks"] * 4
-    passes = [geometry_from_dict(r["geometry"], truth) for r in its[-4:]]
+    # the landmark passes ran (12 by default) and the result is their mean
+    passes = [geometry_from_dict(r["geometry"], truth) for r in its if r["stage"] == "landmarks"]
+    assert len(passes) == ProjmatchParams().landmark_passes
+    assert all(r["stage"] == "landmarks" for r in its[-len(passes):])
     np.testing.assert_allclose(result.geometry.shift_px, np.mean([g.shift_px for g in passes], axis=0), atol=1e-9)
     np.testing.assert_allclose(result.geometry.tilt_deg, np.mean([g.tilt_deg for g in passes], axis=0), atol=1e-9)
     assert e_end < 0.5 * e_start, (e_start, e_matched, e_end)
