@@ -677,9 +677,9 @@ class ProjmatchAligner:
         if len(passes_done) > 1:
             # The passes scatter about the answer (each re-measures every
             # landmark against a reconstruction from the previous pass) rather
-            # than converge; their mean beat the last pass on 4 of 5 seeds of
-            # standard-nobeads. Every pass fixes the same gauge, so their
-            # parameters can be averaged.
+            # than converge, so their mean is the estimate (see
+            # ``landmark_passes`` for what it gained). Every pass fixes the
+            # same gauge, so their parameters can be averaged.
             geometry = _mean_geometry(passes_done)
         return geometry, report
 
