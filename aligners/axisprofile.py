@@ -85,8 +85,8 @@ def axis_profiles(images: np.ndarray, binning: int, geometry: Geometry, *, strip
     Returns
     -------
     (n, 2 * half_length_px / binning + 1) array
-        One profile per view, binned px along the axis; NaN where no pixel of
-        the band fell inside the view.
+        One profile per view, binned px along the axis; NaN where less than
+        half of the band's weight fell inside the view.
     """
     b = float(binning)
     n, hb, wb = images.shape
