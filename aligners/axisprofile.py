@@ -206,12 +206,12 @@ def along_axis_shifts(images: np.ndarray, binning: int, geometry: Geometry, *, s
     _, chance = _profile_shifts(profiles, refs[:, ::-1], max_lag)
     threshold = max(min_correlation, 2.0 * float(np.median(chance)))
     for it in range(iterations + 1):
+        if it:  # re-centre the references on the views that matched
+            refs = _leave_one_out_means(profiles, shift, used.astype(float))
         shift, corr = _profile_shifts(profiles, refs, max_lag)
         used = complete & (corr >= threshold)
         if not used.any():
             break
-        weight = used.astype(float)
-        refs = _leave_one_out_means(profiles, shift, weight)
     measured = np.where(used, shift * b, np.nan)
     correction = np.zeros(len(tilt))
     need = max(1 if degree is None else degree + 3, int(np.ceil(min_used_fraction * len(tilt))))
