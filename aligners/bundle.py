@@ -157,6 +157,18 @@ class BundleOptions:
         Down-weight and reject outliers (IRLS, see the module docstring).
     robust_threshold : float
         Rejection threshold in robust sigmas (per axis) of the residual length.
+    tilt_anchor_weight : float
+        Weight ``w`` of a prior that keeps each view's tilt near its anchor
+        (``tilt_anchor_deg`` of :func:`solve`, by default the initial tilts)
+        beyond one offset common to all views: residuals
+        ``w * R * ((theta_i - a_i) - mean_k(theta_k - a_k))`` in the
+        px-equivalent units of :attr:`VariableModel.smoothness`. Free per-view
+        tilts are otherwise nearly degenerate with the depth scale of the
+        tracks (a correction growing with the tilt); with noisy tracks
+        (landmarks of :mod:`aligners.landmarks`) they drift along that
+        direction pass after pass. The anchor is the stage's reading (the
+        nominal tilts), which is off by a fraction of a degree per view. 0
+        (default) disables it.
     max_iterations : int
         Total Levenberg-Marquardt iterations over all stages.
     tolerance : float
@@ -170,6 +182,7 @@ class BundleOptions:
     tilt_gauge: str = "level"
     robust: bool = True
     robust_threshold: float = 4.0
+    tilt_anchor_weight: float = 0.0
     max_iterations: int = 200
     tolerance: float = 1e-6
 
@@ -181,6 +194,8 @@ class BundleOptions:
             raise ConfigError(f"BundleOptions.tilt_gauge: expected 'level' or 'reference', got {self.tilt_gauge!r}")
         if not (np.isfinite(self.robust_threshold) and self.robust_threshold > 0):
             raise ConfigError(f"BundleOptions.robust_threshold: expected a positive number, got {self.robust_threshold!r}")
+        if not (np.isfinite(self.tilt_anchor_weight) and self.tilt_anchor_weight >= 0):
+            raise ConfigError(f"BundleOptions.tilt_anchor_weight: expected a finite value >= 0, got {self.tilt_anchor_weight!r}")
         if isinstance(self.max_iterations, bool) or not isinstance(self.max_iterations, (int, np.integer)) or self.max_iterations < 1:
             raise ConfigError(f"BundleOptions.max_iterations: expected an integer >= 1, got {self.max_iterations!r}")
         if not (np.isfinite(self.tolerance) and self.tolerance > 0):
@@ -508,7 +523,8 @@ class _Linearization:
 class _Problem:
     """Observations, parameter layout and priors of one bundle adjustment."""
 
-    def __init__(self, layout: _Layout, options: BundleOptions, vi, tj, meas, m, state0: _State, image_shape):
+    def __init__(self, layout: _Layout, options: BundleOptions, vi, tj, meas, m, state0: _State, image_shape,
+                 tilt_anchor: np.ndarray | None = None):
         self.layout = layout
         self.vi, self.tj, self.meas, self.m = vi, tj, meas, m
         self.starts = np.searchsorted(tj, np.arange(m))
@@ -544,6 +560,16 @@ class _Problem:
             base = state0.theta if v == "tilt" else None
             self.prior_terms.append((v, a, b, weight, base))
             rows.append(rows_v)
+        # Tilt anchor: the centring matrix leaves the common offset to the gauge.
+        self.anchor = None
+        if options.tilt_anchor_weight > 0 and layout.sizes["tilt"] > 0 and tilt_anchor is not None:
+            cols = layout.cols["tilt"]
+            rows_a = options.tilt_anchor_weight * radius * (np.eye(n) - 1.0 / n)
+            rows_v = np.zeros((n, layout.n_cam))
+            free = np.flatnonzero(cols >= 0)
+            np.add.at(rows_v.T, layout.offsets["tilt"] + cols[free], rows_a[:, free].T)
+            self.anchor = (rows_a, tilt_anchor)
+            rows.append(rows_v)
         self.ls = np.concatenate(rows) if rows else np.zeros((0, layout.n_cam))
         self.prior_l = np.concatenate([self.ls, self.lg])
         self.prior_info = _gram(self.prior_l)
@@ -555,6 +581,8 @@ class _Problem:
         for v, a, b, weight, base in self.prior_terms:
             val = state.var(v) if base is None else state.var(v) - base
             parts.append(weight * (val[a] - val[b]))
+        if self.anchor is not None:
+            parts.append(self.anchor[0] @ (state.theta - self.anchor[1]))
         parts.append(_matvec(self.lg[:, : 2 * self.layout.n], (state.t - self.t0).ravel()))
         return np.concatenate(parts)
 
@@ -918,6 +946,7 @@ def solve(
     reference_view: int | None = None,
     acquisition_order: np.ndarray | None = None,
     initial_points: np.ndarray | None = None,
+    tilt_anchor_deg: np.ndarray | None = None,
 ) -> BundleSolution:
     """Fit view parameters and 3-D track positions to measured track points.
 
@@ -940,6 +969,9 @@ def solve(
     initial_points : (m, 3) array, optional
         Start positions of the tracks; NaN rows (or None) are triangulated from
         ``initial``.
+    tilt_anchor_deg : (n,) array, optional
+        Anchor of the tilt prior (``options.tilt_anchor_weight``), degrees;
+        default the initial tilts.
 
     Returns
     -------
@@ -979,6 +1011,11 @@ def solve(
         if np.isinf(initial_points).any():
             raise ConfigError("initial_points: contains infinite values")
 
+    anchor = initial.tilt_deg if tilt_anchor_deg is None else np.asarray(tilt_anchor_deg, dtype=float)
+    if anchor.shape != (n,) or not np.all(np.isfinite(anchor)):
+        raise ConfigError(f"tilt_anchor_deg: expected {n} finite tilts in degrees, got shape {anchor.shape}")
+    anchor = np.deg2rad(anchor)
+
     observed = np.all(np.isfinite(xy), axis=-1)
     used, vi, tj = _observations(observed)
     if used.size < _MIN_TRACKS:
@@ -1010,7 +1047,7 @@ def solve(
     state, its, _ = _levenberg_marquardt(frozen, state, w, min(budget, 10), loose)
     total += its
 
-    problem = _Problem(layout, options, vi, tj, meas, m, state, initial.image_shape)
+    problem = _Problem(layout, options, vi, tj, meas, m, state, initial.image_shape, tilt_anchor=anchor)
     p_eff = layout.n_cam + 3 * m - 3
     n_eq = 2 * vi.size
     dof_factor = np.sqrt(n_eq / max(n_eq - p_eff, 1))

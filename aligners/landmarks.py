@@ -73,8 +73,20 @@ class LandmarkOptions:
     iterations : int
         Measure-and-solve passes.
     tilt : str
-        Bundle model of the tilt angles (``"global"``: one offset; per-view
-        tilts take up the measurement noise as smooth tilt patterns).
+        Bundle model of the tilt angles (``"global"``: one offset;
+        ``"per-view"`` needs ``tilt_anchor_weight``, or the tilts take up the
+        measurement noise as smooth tilt patterns).
+    tilt_anchor_weight : float
+        :attr:`aligners.bundle.BundleOptions.tilt_anchor_weight`; the anchor is
+        ``nominal_tilt_deg`` of :func:`refine_by_landmarks`.
+    declutter : bool
+        Subtract the other layers' reprojection (scaled to the view by least
+        squares) from the view before a layer is correlated with it, so that
+        only the layer's own content and noise remain in the window. The
+        subtraction is made at the current geometry, so it also pulls the
+        measurement slightly toward it: use it near the answer. Started from
+        the true geometry (seed 1 of ``standard-nobeads``) one pass stays at
+        0.53 px with it and goes to 1.08 px without it.
     folds : int
         Interleaved view subsets for the leave-out reconstructions.
     """
@@ -90,6 +102,8 @@ class LandmarkOptions:
     min_views: int = 8
     iterations: int = 4
     tilt: str = "global"
+    tilt_anchor_weight: float = 0.0
+    declutter: bool = False
     folds: int = 2
 
     def __post_init__(self) -> None:
@@ -161,6 +175,10 @@ def _measure(
     proj = g_b.project(landmarks)  # (n, m, 2)
     taper = imageops.taper_window((s, s), s / 4.0)
     pa_all, pb_all, owner = [], [], []
+    if opt.declutter:
+        full = reproject(vol, g_b, views=views)
+        centred = full - full.mean(axis=(1, 2), keepdims=True)
+        gain = np.einsum("vij,vij->v", centred, images[views]) / np.maximum(np.einsum("vij,vij->v", centred, centred), 1e-30)
     for z0 in depths:
         wz = layer_weights(nz, z0, half, opt.edge_px)
         idx = np.flatnonzero(wz > 0)
@@ -179,7 +197,8 @@ def _measure(
                 continue
             corners = np.column_stack([row[ok], col[ok]])
             pa_all.append(imageops.extract_patches(refs[r_i], corners, s))
-            pb_all.append(imageops.extract_patches(images[v], corners, s))
+            target = images[v] - gain[r_i] * (full[r_i] - refs[r_i]) if opt.declutter else images[v]
+            pb_all.append(imageops.extract_patches(target, corners, s))
             owner.append(np.column_stack([np.full(int(ok.sum()), v), in_layer[ok]]))
     if not pa_all:
         return
@@ -209,6 +228,7 @@ def refine_by_landmarks(
     options: LandmarkOptions = LandmarkOptions(),
     acquisition_order: np.ndarray | None = None,
     reconstruct_kwargs: dict | None = None,
+    nominal_tilt_deg: np.ndarray | None = None,
 ) -> tuple[Geometry, list[LandmarkPass], BundleSolution]:
     """Refine a geometry by bundle adjustment of depth-resolved landmarks.
 
@@ -228,6 +248,9 @@ def refine_by_landmarks(
         Passed to the bundle adjustment.
     reconstruct_kwargs : dict, optional
         Extra arguments of :func:`simtomo.reconstruct.reconstruct` (method, weighting, workers).
+    nominal_tilt_deg : (n,) array, optional
+        The stage's tilt readings, the anchor of ``options.tilt_anchor_weight``
+        (default: the starting geometry's tilts).
 
     Returns
     -------
@@ -251,7 +274,8 @@ def refine_by_landmarks(
     kwargs = {"method": "wbp", "weighting": "ramp", **(reconstruct_kwargs or {})}
     model = VariableModel(mode="per-view")
     bundle_options = BundleOptions(rotation=model, magnification=model, tilt=VariableModel(mode=opt.tilt),
-                                   tilt_gauge="level", robust=True)
+                                   tilt_gauge="level", robust=True, tilt_anchor_weight=opt.tilt_anchor_weight)
+    anchor = geometry.tilt_deg if nominal_tilt_deg is None else nominal_tilt_deg
     reference = int(np.argmin(np.abs(geometry.tilt_deg)))
     log.info("landmarks: %d layers of %.1f binned px, %d landmarks, binning %d", len(depths), 2 * half, len(landmarks),
              binning)
@@ -274,7 +298,7 @@ def refine_by_landmarks(
                 f"reprojection in {opt.min_views} or more views; the views hold no structure consistent with a tomogram"
             )
         solution = solve(xy[:, seen] * b, geometry, options=bundle_options, reference_view=reference,
-                         acquisition_order=acquisition_order, initial_points=landmarks[seen] * b)
+                         acquisition_order=acquisition_order, initial_points=landmarks[seen] * b, tilt_anchor_deg=anchor)
         geometry = solution.geometry
         record = LandmarkPass(
             iteration=it + 1,

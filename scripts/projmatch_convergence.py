@@ -53,7 +53,7 @@ def run_seed(seed: int) -> tuple[list[dict], dict, dict]:
         err = alignment_error(geometry_from_dict(rec["geometry"], like=true), true, thickness_px=thickness_px)
         b, stage = rec.get("binning"), rec.get("stage", "matching") if k else "start"
         rows.append({
-            "seed": seed, "iteration": k, "stage": stage, "binning": b,
+            "seed": seed, "iteration": k, "stage": stage, "kind": rec.get("kind", ""), "binning": b,
             "alignment_error_rms_px": err.rms_px,
             "max_update_px": rec.get("max_update_px", np.nan),
             "rms_update_px": rec.get("rms_update_px", np.nan),
@@ -69,6 +69,7 @@ def run_seed(seed: int) -> tuple[list[dict], dict, dict]:
         "min_error_iteration": int(errs.argmin()),
         "iterations": len(records) - 1,
         "landmark_passes": sum(r["stage"] == "landmarks" for r in rows),
+        "fine_landmark_passes": sum(r["kind"] == "fine" for r in rows),
         "error_after_matching_px": next((float(r["alignment_error_rms_px"]) for r in reversed(rows) if r["stage"] == "matching"), None),
         "converged": bool(info["converged"]),
         "error_increases": [[k, float(errs[k] - errs[k - 1])] for k in range(1, len(errs)) if errs[k] > errs[k - 1]],
@@ -88,6 +89,10 @@ def convergence_figure(table: pd.DataFrame, summary: dict[int, dict]) -> Figure:
     for j, edge in enumerate(edges):
         for ax in (ax_err, ax_upd):
             ax.axvline(edge + 0.5, color="0.5", ls=":", lw=1, label=None if j else "matching | landmark passes")
+    fine_edges = sorted({int(e) for e in table[table.kind == "plain"].groupby("seed").iteration.max()})
+    for j, edge in enumerate(fine_edges):
+        for ax in (ax_err, ax_upd):
+            ax.axvline(edge + 0.5, color="0.5", ls="-.", lw=1, label=None if j else "plain | fine landmark passes")
     for i, (seed, rows) in enumerate(table.groupby("seed", sort=True)):
         color = f"C{i}"
         ax_err.plot(rows.iteration, rows.alignment_error_rms_px, "o-", ms=3.5, color=color, label=f"seed {seed}")
@@ -102,9 +107,9 @@ def convergence_figure(table: pd.DataFrame, summary: dict[int, dict]) -> Figure:
             ax.plot(last.iteration, y, marker, ms=11, mfc="none", mec="k", mew=1.2,
                     label=stop if (ax, stop) not in stop_labelled else None)
             stop_labelled[(ax, stop)] = True
-        # what the aligner returns (the mean of the landmark passes), beside the last pass
+        # what the aligner returns (the mean of the last kind of landmark passes), beside the last pass
         ax_err.plot(rows.iteration.max() + 0.4, summary[seed]["final_error_rms_px"], "*", ms=11, color=color,
-                    mec="k", mew=0.6, label=None if i else "returned geometry (mean of the landmark passes)")
+                    mec="k", mew=0.6, label=None if i else "returned geometry (mean of the fine landmark passes)")
     for tol in sorted(table.tolerance_px.dropna().unique()):
         ax_upd.axhline(tol, color="k", ls="--", lw=1, label=f"stop tolerance {tol:g} px")
     ax_err.set_xlabel("iteration (0 = coarse-alignment start)")
@@ -160,7 +165,7 @@ def main() -> None:
                  s["converged"], time.perf_counter() - t0)
     args.out.mkdir(parents=True, exist_ok=True)
     table = pd.DataFrame(rows)
-    columns = ["seed", "iteration", "stage", "binning", "alignment_error_rms_px", "max_update_px", "rms_update_px", "seconds"]
+    columns = ["seed", "iteration", "stage", "kind", "binning", "alignment_error_rms_px", "max_update_px", "rms_update_px", "seconds"]
     table[columns].to_csv(args.out / "convergence.csv", index=False, float_format="%.4g")
     (args.out / "summary.json").write_text(json.dumps({str(k): v for k, v in summary.items()}, indent=1) + "\n")
     command = "python scripts/projmatch_convergence.py --out " + str(args.out) + " --seeds " + " ".join(map(str, args.seeds))
@@ -181,9 +186,11 @@ def readme(command: str, table: pd.DataFrame, summary: dict[int, dict], seconds:
         f"Projection matching (`projmatch`, default parameters) on `{PRESET}`; after every iteration the recorded "
         "geometry is scored against the truth by the gauge-free alignment error (`simtomo.alignment_error`). "
         "Iteration 0 is the start (coarse alignment); then come the projection-matching iterations, then the landmark "
-        "passes (bundle adjustment of layered landmarks), numbered on. Their updates are measured differently: "
+        "passes (bundle adjustment of layered landmarks: plain passes, then fine ones, started from the plain passes' "
+        "mean, with the other layers subtracted from each view and anchored per-view tilts), numbered on. "
+        "Their updates are measured differently: "
         "a landmark pass by the gauge-free change of the geometry, a matching iteration by the RMS displacement over "
-        "the field of view; only the matching stage has the stop rule. A star marks the geometry the aligner returns, the mean of the landmark passes. Numbers: `convergence.csv`, `summary.json`; settings: `config.json`.", "",
+        "the field of view; only the matching stage has the stop rule. A star marks the geometry the aligner returns, the mean of the fine landmark passes. Numbers: `convergence.csv`, `summary.json`; settings: `config.json`.", "",
         f"Made by `{command}` in {seconds:.0f} s (simtomo {simtomo.__version__}).", "",
         "![convergence](convergence.png)", "", "[SVG](convergence.svg)", "",
         "| seed | start error (px RMS) | after matching (px RMS) | final error (px RMS) | lowest error (px RMS, iteration) | iterations | converged | aligner wall time (s) |",
@@ -210,11 +217,12 @@ def _findings(table: pd.DataFrame, summary: dict[int, dict]) -> list[str]:
            f"{span('final_error_rms_px')} px after {span('iterations', 'd')} iterations."]
     if all(x["landmark_passes"] for x in s):
         out.append(f"The matching stage ends at {span('error_after_matching_px')} px; "
-                   f"the {span('landmark_passes', 'd')} landmark passes take it from there to the final value.")
+                   f"the {span('landmark_passes', 'd')} landmark passes ({span('fine_landmark_passes', 'd')} of them fine) "
+                   "take it from there to the final value.")
     rise = {seed: x["final_error_rms_px"] - x["min_error_rms_px"] for seed, x in summary.items()}
     below = [seed for seed, r in rise.items() if r < 0]
     if below:
-        out.append("The final geometry is the mean of the landmark passes; it is below every recorded iteration in seed "
+        out.append("The final geometry is the mean of the fine landmark passes; it is below every recorded iteration in seed "
                    + ", ".join(f"{seed} ({-rise[seed]:.3f} px below the lowest)" for seed in below) + ".")
     worse = {seed: r for seed, r in rise.items() if r >= 0.01}
     if not worse:

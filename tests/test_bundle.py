@@ -462,3 +462,40 @@ def test_bad_options_are_config_errors(standard_case):
         solve(clean, nominal_start(truth), acquisition_order=np.zeros(61, int))
     with pytest.raises(ConfigError, match="initial_points"):
         solve(clean, nominal_start(truth), initial_points=np.zeros((3, 3)))
+
+
+def test_tilt_anchor_pulls_tilts_toward_the_nominal_beyond_a_common_offset():
+    """``tilt_anchor_weight`` shrinks each view's tilt toward its anchor; the common offset stays free.
+
+    120 points on the two surfaces of a 200 px slab, 1 px noise, 1 deg tilt offset and 0.2 deg jitter.
+    """
+    truth, _ = true_geometry(7, tilt_offset_deg=1.0, tilt_jitter_deg=0.2)
+    rng = np.random.default_rng(2)
+    pts = np.column_stack([rng.uniform(-400, 400, (120, 2)), np.where(np.arange(120) % 2, 100.0, -100.0)])
+    xy = truth.project(pts) + rng.standard_normal((61, 120, 2))
+    start = nominal_start(truth)
+
+    def deviation(w: float) -> tuple[float, float]:
+        options = BundleOptions(tilt=VariableModel("per-view"), tilt_anchor_weight=w)
+        tilt = solve(xy, start, options=options, tilt_anchor_deg=NOMINAL_TILTS).geometry.tilt_deg
+        d = tilt - NOMINAL_TILTS
+        return float(np.std(d)), float(np.mean(d))
+
+    free, mild, strong, stiff = (deviation(w) for w in (0.0, 2.0, 8.0, 1e4))
+    # free tilts follow the 0.2 deg jitter; the prior shrinks it step by step
+    assert free[0] > 0.18
+    assert mild[0] < 0.75 * free[0] and strong[0] < 0.25 * mild[0]
+    assert stiff[0] < 1e-3
+    # the common offset, set by levelling the two surfaces, is not what the prior acts on
+    for _, offset in (free, mild, strong, stiff):
+        assert offset == pytest.approx(1.0, abs=0.05)
+
+
+def test_bad_tilt_anchor_is_named(standard_case):
+    truth, _, _, clean = standard_case
+    with pytest.raises(ConfigError, match="tilt_anchor_weight"):
+        BundleOptions(tilt_anchor_weight=-1.0)
+    with pytest.raises(ConfigError, match="tilt_anchor_deg"):
+        solve(clean, nominal_start(truth), tilt_anchor_deg=np.zeros(60))
+    with pytest.raises(ConfigError, match="tilt_anchor_deg"):
+        solve(clean, nominal_start(truth), tilt_anchor_deg=np.full(61, np.nan))
