@@ -95,8 +95,9 @@ Known limits (measured on ``standard-nobeads``, seeds 0-4, default
 parameters): from the coarse start (2.2-3.1 px RMS alignment error) the
 matching stage reaches 1.02/1.56/1.43/1.57/1.69 px; the mean of the 12
 plain landmark passes 0.84/0.94/0.76/0.76/1.13 px, and the mean of the 6
-fine passes after them 0.72/0.78/0.74/0.70/1.08 px, in 75-117 s wall
-(100-108 s CPU) with two seeds running at once on 2 cores.
+fine passes after them 0.72/0.78/0.74/0.70/1.08 px, in 74-80 s wall
+(seeds 0-2, one at a time on 2 cores; 75-117 s with two seeds at once) and
+95-108 s CPU.
 The issue's target (< 0.3 px) is not met. Per-view tilt jitter alone sets a
 floor: keeping the true geometry but one tilt offset for the series gives
 0.51-0.84 px, so the target needs per-view tilts to better than 0.1 degree;
@@ -257,9 +258,11 @@ class ProjmatchParams:
         the view, :attr:`aligners.landmarks.LandmarkOptions.declutter`) and
         per-view tilts anchored to the nominal ones (``tilt_anchor_weight``).
         The result is then the mean of these passes. On ``standard-nobeads``
-        seeds 0-4, 6 passes after 8 plain ones took every seed lower (by
-        0.07-0.19 px) and recovered the per-view tilt jitter in part
-        (correlation 0.88 with the truth on seed 1). 0 skips them.
+        seeds 0-4, 6 fine passes after the 12 plain ones took the error from
+        0.84/0.94/0.76/0.76/1.13 to 0.72/0.78/0.74/0.70/1.08 px and the
+        per-view tilt error from the 0.2 degree jitter to 0.12-0.15 degree
+        RMS. (After 8 plain passes, 10 fine ones gained at most 0.03 px over
+        6.) 0 skips them.
     tilt_anchor_weight : float
         :attr:`aligners.bundle.BundleOptions.tilt_anchor_weight` of the fine
         landmark passes: how strongly each view's tilt, beyond a common
