@@ -116,6 +116,8 @@ class LandmarkOptions:
             raise ConfigError(f"landmarks.window: expected at least 16 px, got {self.window!r}")
         if self.max_shift >= self.window / 2:
             raise ConfigError(f"landmarks.max_shift: expected less than half the window ({self.window / 2}), got {self.max_shift!r}")
+        if not (np.isfinite(self.tilt_anchor_weight) and self.tilt_anchor_weight >= 0):
+            raise ConfigError(f"landmarks.tilt_anchor_weight: expected a finite number >= 0, got {self.tilt_anchor_weight!r}")
         if self.min_views < 3 or self.iterations < 1 or self.folds < 2:
             raise ConfigError("landmarks: min_views >= 3, iterations >= 1 and folds >= 2 are required")
 

@@ -46,7 +46,8 @@ def test_landmark_grid_stays_a_window_inside_the_volume_across_the_axis():
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [({"window": 8}, "window"), ({"max_shift": 20.0}, "max_shift"), ({"layer_px": 0.0}, "layer_px"), ({"folds": 1}, "folds")],
+    [({"window": 8}, "window"), ({"max_shift": 20.0}, "max_shift"), ({"layer_px": 0.0}, "layer_px"), ({"folds": 1}, "folds"),
+     ({"tilt_anchor_weight": -1.0}, "tilt_anchor_weight"), ({"tilt_anchor_weight": float("nan")}, "tilt_anchor_weight")],
 )
 def test_bad_options_are_named(kwargs, word):
     with pytest.raises(ConfigError, match=word):

@@ -98,6 +98,10 @@ def test_params_reject_bad_values():
         ProjmatchParams(method="fbp")
     with pytest.raises(ConfigError, match="clip_percentile"):
         ProjmatchParams(clip_percentile=40.0)
+    with pytest.raises(ConfigError, match="landmark_fine_passes"):
+        ProjmatchParams(landmark_fine_passes=-1)
+    with pytest.raises(ConfigError, match="tilt_anchor_weight"):
+        ProjmatchParams(tilt_anchor_weight=-2.0)
 
 
 # --------------------------------------------------------------------------- behaviour
