@@ -31,12 +31,16 @@ image pixels (unbinned). The tracking works on Fourier-binned line-integral
 images; a binned centred coordinate is the unbinned one divided by the binning.
 
 Limits (measured on ``standard-nobeads``, a 200 nm = 250 px thick specimen,
-seeds 0-4): 1.5, 8.7, 3.6, 2.7 and 3.0 px RMS alignment error, worse than
-the ``xcorr`` start (2.2-2.5 px) on four seeds; on the same content in a
-40 nm section, 0.7 px. A patch is not a point: it holds content at every
+seeds 0-4): 1.35, 3.67, 2.45, 2.31 and 2.24 px RMS alignment error with the
+default 24 px patches, worse than the ``xcorr`` start (2.2-2.5 px) on seeds 1
+and 2 (with 48 px patches 1.5, 8.7, 3.6, 2.7 and 3.0 px; on the same content
+in a 40 nm section, 0.7 px). On seed 1 the rotations carry a ramp to -2
+degrees at +60 degrees and the magnifications one from -1 % to +1.7 %; with
+the true rotations, tilts and magnifications put in, seeds 1 and 2 are still
+at 1.8 and 1.3 px, so the shifts drift too. A patch is not a point: it holds content at every
 depth, and as the tilt changes that content slides through the window at
 depth-dependent rates, so the correlation follows a drifting mixture. Tracked
-with the *true* geometry as the model (a diagnostic, seed 1), the tracks miss
+with the *true* geometry as the model (a diagnostic, seed 1, 48 px patches), the tracks miss
 fixed 3-D points by about 6 px RMS, and their along-axis components drift
 like a rotation growing to 3.5 degrees at +-60 degrees; with proteins only
 (no membranes or filaments) the drift falls to 0.4 degree and the misfit to
@@ -91,7 +95,11 @@ class PatchParams:
     Parameters
     ----------
     patch_size : int
-        Side of the square patches, binned px.
+        Side of the square patches, binned px. Small patches hold fewer
+        depths of a thick specimen (less drift); on ``standard-nobeads``,
+        seeds 0-4, 24 px gave 1.35/3.67/2.45/2.31/2.24 px RMS alignment error
+        against 1.51/8.68/3.57/2.67/3.04 px with 48 and 1.36/3.70/2.33/2.90/1.78
+        with 16.
     overlap : float
         Fraction of a patch shared with its grid neighbour (0 <= overlap < 1).
     binning : int or None
@@ -136,7 +144,7 @@ class PatchParams:
         Tracking + bundle adjustment passes; each after the first re-tracks with the refined model.
     """
 
-    patch_size: int = 48
+    patch_size: int = 24
     overlap: float = 0.75
     binning: int | None = None
     coarse_binning: int | None = None
