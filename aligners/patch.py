@@ -31,13 +31,14 @@ image pixels (unbinned). The tracking works on Fourier-binned line-integral
 images; a binned centred coordinate is the unbinned one divided by the binning.
 
 Limits (measured on ``standard-nobeads``, a 200 nm = 250 px thick specimen,
-seeds 0-4): 1.35, 3.67, 2.45, 2.31 and 2.24 px RMS alignment error with the
-default 24 px patches, worse than the ``xcorr`` start (2.2-2.5 px) on seeds 1
-and 2 (with 48 px patches 1.5, 8.7, 3.6, 2.7 and 3.0 px; on the same content
-in a 40 nm section, 0.7 px). On seed 1 the rotations carry a ramp to -2
-degrees at +60 degrees and the magnifications one from -1 % to +1.7 %; with
-the true rotations, tilts and magnifications put in, seeds 1 and 2 are still
-at 1.8 and 1.3 px, so the shifts drift too. A patch is not a point: it holds content at every
+seeds 0-4): 1.12, 2.80, 2.19, 2.12 and 2.13 px RMS alignment error with
+the defaults (24 px patches, 4 px search), against 2.2-2.5 px for the
+``xcorr`` start: better on every seed but seed 1 (with 48 px patches and an
+8 px search 1.5, 8.7, 3.6, 2.7 and 3.0 px; on the same content in a 40 nm
+section, 0.7 px). On seed 1 the rotations are off by -0.35 degree with a ramp
+to -1.5 degrees at +60 degrees, and the magnifications by a ramp from -0.8 %
+to +1.3 %; with the true rotations, tilts and magnifications put in, it is
+still at 1.3 px, so the shifts drift too. A patch is not a point: it holds content at every
 depth, and as the tilt changes that content slides through the window at
 depth-dependent rates, so the correlation follows a drifting mixture. Tracked
 with the *true* geometry as the model (a diagnostic, seed 1, 48 px patches), the tracks miss
@@ -51,6 +52,10 @@ the bundle adjustment reads them as per-view rotation and magnification.
 Leaving out line-like patches (spectral anisotropy > 0.3) cut the drift to
 2.6 degrees only, and forcing each step's along-axis components onto one
 affine field did not improve the alignment; both were tried and dropped.
+Dropping weakly correlated steps (``min_correlation`` 0.3 or
+``min_significance`` 5) made it worse (more tracks average more of the
+drift), and a second and third grid tracked from the +-40 degree views gained
+nothing (1.09/2.74/2.22/2.18/2.23 px).
 On an exactly planar sheet the same code tracks to better than 0.05 px
 (tests/test_patch.py).
 
@@ -97,9 +102,9 @@ class PatchParams:
     patch_size : int
         Side of the square patches, binned px. Small patches hold fewer
         depths of a thick specimen (less drift); on ``standard-nobeads``,
-        seeds 0-4, 24 px gave 1.35/3.67/2.45/2.31/2.24 px RMS alignment error
-        against 1.51/8.68/3.57/2.67/3.04 px with 48 and 1.36/3.70/2.33/2.90/1.78
-        with 16.
+        seeds 0-4 (``max_shift`` 8), 24 px gave 1.35/3.67/2.45/2.31/2.24 px RMS
+        alignment error against 1.51/8.68/3.57/2.67/3.04 px with 48 and
+        1.36/3.70/2.33/2.90/1.78 with 16.
     overlap : float
         Fraction of a patch shared with its grid neighbour (0 <= overlap < 1).
     binning : int or None
@@ -108,7 +113,10 @@ class PatchParams:
         Binning of the coarse alignment and tilt-axis search (a multiple of the
         tracking binning); None: the tracking binning.
     max_shift : int
-        Search radius around the predicted position, binned px.
+        Search radius around the predicted position, binned px. A small radius
+        keeps a patch from jumping to other content: on ``standard-nobeads``,
+        seeds 0-4, 4 px gave 1.12/2.80/2.19/2.12/2.13 px RMS alignment error
+        against 1.35/3.67/2.45/2.31/2.24 px with 8 (3 and 5 px: within 0.15 px of 4).
     lowpass : float
         Pass-band edge of the patch correlations, cycles per binned px.
     highpass : float
@@ -148,7 +156,7 @@ class PatchParams:
     overlap: float = 0.75
     binning: int | None = None
     coarse_binning: int | None = None
-    max_shift: int = 8
+    max_shift: int = 4
     lowpass: float = 0.3
     highpass: float = 0.03
     min_correlation: float = 0.15
