@@ -193,7 +193,7 @@ def test_patch_on_standard_nobeads_beats_its_coarse_start(nobeads0):
     err_coarse = alignment_error(coarse.geometry, series.geometry, thickness_px=thick)
     # Patch tracking must clearly improve on it (2.2 px -> 1.1 px on this seed; the issue's
     # 0.5 px target is measured in test_benchmarks_patch.py).
-    assert err.rms_px < 0.8 * err_coarse.rms_px
+    assert err.rms_px < 0.6 * err_coarse.rms_px
     report = result.residuals
     assert report.per_view_rms_px.shape == (obs.stack.shape[0],)
     assert report.n_points > 1000
