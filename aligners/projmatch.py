@@ -69,57 +69,49 @@ iteration and drift. It is measured once per stage on synthetic data that fit
 the current geometry exactly and subtracted. The exact ramp filter
 (``weighting="ramp"``) drifts about half as much as the SIRT-like one.
 
-Layered landmarks (``landmark_passes``, after the matching stages): the
-smooth patterns the leave-out matching cannot see are then taken up by a
-bundle adjustment of depth-resolved landmarks (:mod:`aligners.landmarks`):
-thin layers of the working reconstruction, reprojected on their own, are
-matched to the views, and the measured positions of points on a grid in each
-layer are fitted like bead tracks (per-view shift, rotation, magnification,
-one tilt offset). A thin layer's reprojection draws on views over a much wider
-tilt range than the whole volume's, so shifts shared by neighbouring views
-become visible. The passes scatter about the answer rather than converge, so
-the result is the per-view mean of their parameters (every pass fixes the
-same gauge). Then fine passes start from that mean: each layer is matched to
-the view *minus* the reprojection of the other layers, which removes their
-content from the windows (one pass from the true geometry: 0.19 px against
-0.47 px plain, seed 0), and the tilts are solved per view, held near the
-nominal tilts by a prior (:attr:`aligners.bundle.BundleOptions.tilt_anchor_weight`)
-against the drift along the tilt-scale/depth-scale degeneracy; their mean is
-the result. The passes are recorded in ``info["iterations"]`` with
-``stage = "landmarks"`` and ``kind`` ``"plain"`` or ``"fine"``; their update is
-the gauge-free change of the geometry
-(:func:`simtomo.alignment_error.alignment_error` between successive
-geometries).
+Particles (``particle_rounds``, after the matching stages): what the
+leave-out matching cannot see (patterns shared by neighbouring views, smooth
+in tilt: the tilt axis, rotation and magnification ramps, per-view tilts) is
+taken up by tracking dense particles like gold beads
+(:mod:`aligners.particles`). They are detected in a reconstruction at binning
+2 (``particle_binning``, ``particle_size_nm``); each is looked for near its
+projection in every view by a blob filter, with no template from the
+reconstruction, so the measurement does not lean toward the current
+geometry; the tracks go to the shared bundle adjustment (per-view shift,
+rotation, magnification, and per-view tilts held near the nominal ones by
+``tilt_anchor_weight``). Two rounds of three passes, the particles detected
+again for the second. The passes are recorded in ``info["iterations"]`` with
+``stage = "particles"``; their update is the gauge-free change of the
+geometry (:func:`simtomo.alignment_error.alignment_error` between successive
+passes). When too few particles stand out of the noise the refinement is
+skipped with a warning.
+
+Layered landmarks (``landmark_passes``, off by default): the earlier answer
+to the same problem, kept for specimens without particles. Thin layers of the
+working reconstruction, reprojected on their own, are matched to the views
+and the measured positions of grid points in each layer are fitted like bead
+tracks (:mod:`aligners.landmarks`); plain passes, then fine passes with the
+other layers' reprojection subtracted from each view and anchored per-view
+tilts, and the mean of each kind of passes goes on. The templates come from
+the working reconstruction, so the measurement leans toward the current
+geometry in exactly the patterns that matter: on ``standard-nobeads`` seeds
+0-4 they reached 0.72/0.78/0.74/0.70/1.08 px (against 0.23/0.25/0.19/0.24/0.21
+with the particles) in about 45 s.
 
 Known limits (measured on ``standard-nobeads``, seeds 0-4, default
 parameters): from the coarse start (2.2-3.1 px RMS alignment error) the
-matching stage reaches 1.02/1.56/1.43/1.57/1.69 px; the mean of the 12
-plain landmark passes 0.84/0.94/0.76/0.76/1.13 px, and the mean of the 6
-fine passes after them 0.72/0.78/0.74/0.70/1.08 px, in 74-80 s wall
-(seeds 0-2, one at a time on 2 cores; 75-117 s with two seeds at once) and
-95-108 s CPU.
-The issue's target (< 0.3 px) is not met. Per-view tilt jitter alone sets a
-floor: keeping the true geometry but one tilt offset for the series gives
-0.51-0.84 px, so the target needs per-view tilts to better than 0.1 degree;
-the fine passes bring the 0.2 degree jitter down to 0.12-0.15 degree RMS.
-The tilt axis and the rotation drift are the next limit: the landmark
-measurement barely sees a common rotation of all views (from the true
-geometry with the axis 0.3 degree off, a pass removes about 0.015 degree of
-it), and on seed 4 the axis stays 0.32 degree off (with the true rotations
-put in, 0.71 px instead of 1.08 px). With the true rotations, tilts and
-magnifications put in, seeds 0-4 would be at 0.34-0.57 px: the rest is in
-the shifts. Started
-from the *true* geometry, the matching at binning 2 and the landmark passes
-both drift away from it (0.9 and 0.6 px after a few iterations), so their
-estimators carry noise or bias at that level. The landmark measurements are
-noisy (about 1 binned px per window at binning 4, where the
-other layers' content is clutter), so successive passes scatter by a few
-tenths of a pixel rather than converge. Per-view rotations
-``phi_i + m / cos(theta_i)`` are an exact null direction of the matching for
-the specimen's mid-plane (equivalent to a shear of that plane); only content
-away from it sees ``m``; ``axis_flatten`` removes the ``1 / cos`` component of
-the rotations, which is biased when the true rotation drift correlates with
-``|tilt|`` (dose-symmetric acquisition), so it is off by default.
+matching stage reaches 1.02/1.56/1.43/1.57/1.69 px and the particle rounds
+0.233/0.249/0.189/0.237/0.205 px, in 38-53 s wall and 46-53 s CPU (two
+seeds at once on 2 cores), 1.5-1.6 GB peak. The particle rounds need particles
+that stand out of the noise in projection: on a 256 px field (41 views,
+100 nm, 125 or 600 proteins) only 25 of 160-210 candidates did, and the
+refinement was skipped, leaving the matching result (2.7 and 3.8 px). The
+matching stage alone cannot reach 0.3 px: per-view rotations ``phi_i + m / cos(theta_i)`` are
+an exact null direction of the matching for the specimen's mid-plane
+(equivalent to a shear of that plane); only content away from it sees ``m``;
+``axis_flatten`` removes the ``1 / cos`` component of the rotations, which is
+biased when the true rotation drift correlates with ``|tilt|``
+(dose-symmetric acquisition), so it is off by default.
 
 Failure: when fewer than ``min_reliable_fraction`` of the views have enough
 patches that correlate (peak >= ``min_peak``) with their reprojection, or the
@@ -127,14 +119,14 @@ coarse alignment finds no correlation, :class:`~simtomo.errors.AlignmentError`
 ("correlation too low") is raised rather than a geometry returned.
 
 Convergence is recorded in ``AlignmentResult.info["iterations"]``: per
-iteration its stage (``matching`` or ``landmarks``), the binning, the largest
-and RMS per-view update (px), the mean patch correlation (matching) or the
-landmarks used and their residual (landmarks), and the geometry
+iteration its stage (``matching``, ``landmarks`` or ``particles``), the
+binning, the largest and RMS per-view update (px), the mean patch correlation
+(matching) or the landmarks or particles used and their residual, and the geometry
 (:func:`geometry_from_dict` rebuilds it); ``info["converged"]`` says whether
 the matching stage's stop rule fired; ``info["start_geometry"]`` holds the
 start, ``info["cpu_seconds"]`` and ``info["wall_seconds"]`` the cost. The
-residual report is the last landmark pass's bundle residual (the matching
-stage's per-view patch-fit RMS when no landmark pass ran).
+residual report is the last particle (or landmark) pass's bundle residual
+(the matching stage's per-view patch-fit RMS when neither ran).
 """
 
 from __future__ import annotations
@@ -151,6 +143,7 @@ from aligners import imageops
 from aligners.axisprofile import along_axis_shifts, apply_along_axis_shifts
 from aligners.coarse import BinnedStack, binned_line_integrals, coarse_align, find_tilt_axis
 from aligners.landmarks import LandmarkOptions, refine_by_landmarks
+from aligners.particles import ParticleOptions, estimate_thickness, refine_observation
 from simtomo.alignment import AlignmentResult, ResidualReport
 from simtomo.alignment_error import alignment_error
 from simtomo.errors import AlignmentError, ConfigError
@@ -246,8 +239,13 @@ class ProjmatchParams:
         Passes of the layered-landmark bundle adjustment
         (:mod:`aligners.landmarks`) at the first binning, after the matching
         stages; it takes up the smooth patterns the leave-out matching cannot
-        see. 0 skips it. A pass that finds too few landmarks (far from the
-        answer, or no structure) ends the landmark passes with a warning.
+        see. 0 (the default) skips it: the particle rounds do that job better
+        when the specimen holds dense particles (from the matching result on
+        ``standard-nobeads`` seeds 0-4, 12 plain and 6 fine landmark passes
+        reached 0.72/0.78/0.74/0.70/1.08 px in about 45 s, two particle
+        rounds 0.23/0.25/0.19/0.24/0.21 px in about 25 s). A pass that finds
+        too few landmarks (far from the answer, or no structure) ends the
+        landmark passes with a warning.
         The passes scatter rather than converge, so their mean goes on
         (to the fine passes, or as the result when there are none): on
         ``standard-nobeads`` seeds 0-4, the mean of 4/8/12 passes had a mean
@@ -264,11 +262,30 @@ class ProjmatchParams:
         RMS. (After 8 plain passes, 10 fine ones gained at most 0.03 px over
         6.) 0 skips them.
     tilt_anchor_weight : float
-        :attr:`aligners.bundle.BundleOptions.tilt_anchor_weight` of the fine
-        landmark passes: how strongly each view's tilt, beyond a common
-        offset, is held at the nominal tilt from the microscope log.
+        :attr:`aligners.bundle.BundleOptions.tilt_anchor_weight` of the
+        particle passes and the fine landmark passes: how strongly each view's
+        tilt, beyond a common offset, is held at the nominal tilt from the
+        microscope log.
     landmark_layer_px : float
         Thickness of the landmark layers, unbinned px.
+    particle_rounds : int
+        Rounds of the particle refinement (:mod:`aligners.particles`) after
+        the matching stages (and landmark passes): dense particles are
+        detected in a reconstruction and tracked like gold beads, with no
+        template from the reconstruction, so no pull toward the current
+        geometry. 0 skips it. When the views hold too few particles that can
+        be tracked, the refinement is skipped with a warning and the result
+        so far stands.
+    particle_count : int
+        Particles tracked per round (:attr:`aligners.particles.ParticleOptions.count`).
+    particle_size_nm : float
+        Scale of the particles' blob filter
+        (:attr:`aligners.particles.ParticleOptions.sigma_px`) in nm: 2.4 nm
+        (3 px at 8 Å, binned by 2: 1.5 px) suits protein complexes of
+        2-6 nm radius.
+    particle_binning : int, optional
+        Binning of the particle refinement; None: the largest power of two
+        that leaves ``particle_size_nm`` at least 1.5 binned px (2 at 8 Å per px).
     axis_profile : bool
         After every matching iteration, correct each view's along-axis shift
         by its smooth pattern in tilt measured from the tilt-axis profiles
@@ -314,10 +331,14 @@ class ProjmatchParams:
     axis_flatten: bool = False
     debias: bool = True
     axis_scan_binnings: tuple[int, ...] | None = None
-    landmark_passes: int = 12
+    landmark_passes: int = 0
     landmark_fine_passes: int = 6
     tilt_anchor_weight: float = 2.0
     landmark_layer_px: float = 48.0
+    particle_rounds: int = 2
+    particle_count: int = 1500
+    particle_size_nm: float = 2.4
+    particle_binning: int | None = None
     axis_profile: bool = True
     clip_percentile: float | None = 99.5
     workers: int | None = None
@@ -333,11 +354,13 @@ class ProjmatchParams:
             object.__setattr__(self, "binnings", b)
         for name, lo in (("max_iterations", 1), ("folds", 2), ("sirt_like_iterations", 1), ("sirt_iterations", 1),
                          ("patch_size", 8), ("patch_step", 1), ("min_patches", 1), ("min_patches_affine", 1),
-                         ("landmark_passes", 0), ("landmark_fine_passes", 0)):
+                         ("landmark_passes", 0), ("landmark_fine_passes", 0), ("particle_rounds", 0),
+                         ("particle_count", 3)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ConfigError(f"projmatch.{name}: expected an integer >= {lo}, got {v!r}")
-        for name in ("tolerance_px", "z_margin", "width_factor", "max_shift", "min_peak", "landmark_layer_px"):
+        for name in ("tolerance_px", "z_margin", "width_factor", "max_shift", "min_peak", "landmark_layer_px",
+                     "particle_size_nm"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"projmatch.{name}: expected a positive number, got {v!r}")
@@ -363,6 +386,10 @@ class ProjmatchParams:
             raise ConfigError(f"projmatch.min_reliable_fraction: expected a fraction in [0, 1], got {self.min_reliable_fraction!r}")
         if not self.tilt_regularisation >= 0:
             raise ConfigError(f"projmatch.tilt_regularisation: expected >= 0, got {self.tilt_regularisation!r}")
+        if self.particle_binning is not None and (isinstance(self.particle_binning, bool)
+                                                  or not isinstance(self.particle_binning, (int, np.integer))
+                                                  or self.particle_binning < 1):
+            raise ConfigError(f"projmatch.particle_binning: expected an integer >= 1 or None, got {self.particle_binning!r}")
         if self.thickness_px is not None and not self.thickness_px > 0:
             raise ConfigError(f"projmatch.thickness_px: expected a positive thickness in px or None, got {self.thickness_px!r}")
         if self.initial_geometry is not None and not isinstance(self.initial_geometry, Geometry):
@@ -426,44 +453,6 @@ def geometry_from_dict(data: dict, like: Geometry) -> Geometry:
         mag=np.asarray(data["mag"], dtype=float),
         shift_px=np.asarray(data["shift_px"], dtype=float),
     )
-
-
-# --------------------------------------------------------------------------- thickness
-
-
-def estimate_thickness(volume: np.ndarray, voxel_size_px: float, *, fraction: float = 0.25) -> float:
-    """Specimen thickness (px) from the z profile of in-plane structure in a reconstruction.
-
-    The profile is the standard deviation of each z slice after removing its
-    smooth background (a coarse in-plane mean); the thickness is the extent
-    where it exceeds ``fraction`` of its peak above the floor (the median of
-    the outermost slices).
-
-    Parameters
-    ----------
-    volume : (nz, ny, nx) array
-        A reconstruction deeper than the specimen.
-    voxel_size_px : float
-        Voxel edge in px.
-    fraction : float
-        Threshold between floor and peak.
-    """
-    vol = np.asarray(volume, dtype=np.float32)
-    nz = vol.shape[0]
-    if vol.ndim != 3 or nz < 5:
-        raise ConfigError(f"volume: expected a (nz, ny, nx) reconstruction with nz >= 5, got shape {vol.shape}")
-    # Inner part of each slice: the edges of a reconstruction carry truncation artefacts.
-    _, ny, nx = vol.shape
-    core = vol[:, ny // 8 : ny - ny // 8, nx // 4 : nx - nx // 4]
-    hp = imageops.bandpass(core, highpass=0.05)
-    prof = hp.reshape(nz, -1).std(axis=1)
-    edge = max(1, nz // 10)
-    floor = float(np.median(np.concatenate([prof[:edge], prof[-edge:]])))
-    peak = float(prof.max())
-    above = np.flatnonzero(prof > floor + fraction * (peak - floor))
-    if above.size == 0 or peak <= floor:
-        return float(nz * voxel_size_px)
-    return float((above[-1] - above[0] + 1) * voxel_size_px)
 
 
 # --------------------------------------------------------------------------- per-view motion fit
@@ -646,8 +635,11 @@ class ProjmatchAligner:
         landmark_report = None
         if p.landmark_passes:
             geometry, landmark_report = self._landmarks(stacks[binnings[0]], geometry, thickness, observation, history)
+        if p.particle_rounds:
+            geometry, particle_report = self._particles(geometry, thickness, observation, history)
+            landmark_report = particle_report or landmark_report
         info["iterations"] = history
-        # the stop rule is the matching stage's; the landmark passes run a fixed number of times
+        # the stop rule is the matching stage's; the later passes run a fixed number of times
         matching = [r for r in history if r["stage"] == "matching"]
         info["converged"] = bool(matching and matching[-1].get("converged", False))
         info["wall_seconds"] = time.perf_counter() - t_start
@@ -728,6 +720,38 @@ class ProjmatchAligner:
             if len(passes_done) < count:
                 break
         return geometry, report
+
+    def _particles(self, geometry: Geometry, thickness: float,
+                   observation: Observation, history: list) -> tuple[Geometry, ResidualReport | None]:
+        """Particle refinement (:func:`aligners.particles.refine_by_particles`); the geometry unchanged when it fails."""
+        p = self.params
+        try:
+            b, _, passes = refine_observation(
+                observation, geometry, thickness, size_nm=p.particle_size_nm, binning=p.particle_binning,
+                clip_percentile=p.clip_percentile, workers=p.workers,
+                options=ParticleOptions(count=p.particle_count, rounds=p.particle_rounds,
+                                        tilt_anchor_weight=p.tilt_anchor_weight),
+            )
+        except AlignmentError as exc:
+            log.warning("projmatch: particle refinement skipped (%s); the result so far stands", exc)
+            return geometry, None
+        for rec in passes:
+            # the bundle adjustment fixes its own gauge: measure the change without it
+            change = alignment_error(rec.geometry, geometry, thickness_px=thickness).per_view_px
+            geometry = rec.geometry
+            history.append({
+                "stage": "particles",
+                "binning": b,
+                "round": rec.round,
+                "iteration": rec.iteration,
+                "max_update_px": float(change.max()),
+                "rms_update_px": float(np.sqrt(np.mean(change**2))),
+                "particles": rec.particles,
+                "residual_rms_px": rec.residual_rms_px,
+                "seconds": rec.seconds,
+                "geometry": _geometry_dict(geometry),
+            })
+        return geometry, passes[-1].solution.report
 
     def _run_stage(self, stage: _Stage, geometry: Geometry, tol: float, history: list) -> tuple[Geometry, dict | None]:
         """Iterate at one binning until the largest update is below ``tol`` (or ``max_iterations``); appends to ``history``."""
