@@ -25,14 +25,29 @@
 5. Optionally the patches are tracked again with the refined model (better
    predictions, the right local stretch, rotation and magnification), and the
    bundle adjustment repeated.
+6. Particle tracks (``particle_rounds``, :mod:`aligners.particles`): the
+   specimen thickness is measured on a reconstruction made with the
+   patch-track geometry, dense particles are detected in a second one, and
+   each is found near its projection in every view by a blob filter and
+   bundle-adjusted like a gold bead (per-view tilts held near the nominal
+   ones). A particle is a point, so its track does not drift the way a patch's
+   does (below). The patch-track geometry is kept in
+   ``info["patch_track_geometry"]``.
 
 Geometry convention: DESIGN.md section 3; all track coordinates are centred raw
 image pixels (unbinned). The tracking works on Fourier-binned line-integral
 images; a binned centred coordinate is the unbinned one divided by the binning.
 
-Limits (measured on ``standard-nobeads``, a 200 nm = 250 px thick specimen,
-seeds 0-4): 1.12, 2.80, 2.19, 2.12 and 2.13 px RMS alignment error with
-the defaults (24 px patches, 4 px search), against 2.2-2.5 px for the
+Accuracy (``standard-nobeads``, a 200 nm = 250 px thick specimen, seeds 0-4,
+defaults): the patch tracks reach 1.12/2.85/2.25/2.11/1.77 px RMS alignment
+error and the particle tracks after them 0.20/0.26/0.18/0.22/0.20 px, in
+44-52 s wall and 50-53 s CPU (two seeds at once on 2 cores), 1.4-1.55 GB peak.
+The particle tracks need particles that stand apart in projection (see
+:mod:`aligners.particles`).
+
+Limits of the patch tracks themselves (same seeds; overlap 0.75): 1.12, 2.80,
+2.19, 2.12 and 2.13 px RMS alignment error with 24 px patches and a 4 px
+search, against 2.2-2.5 px for the
 ``xcorr`` start: better on every seed but seed 1 (with 48 px patches and an
 8 px search 1.5, 8.7, 3.6, 2.7 and 3.0 px; on the same content in a 40 nm
 section, 0.7 px). On seed 1 the rotations are off by -0.35 degree with a ramp
@@ -78,9 +93,11 @@ from scipy import ndimage
 from aligners import imageops
 from aligners.bundle import BundleOptions, BundleSolution, VariableModel, solve
 from aligners.coarse import BinnedStack, binned_line_integrals, coarse_align, find_tilt_axis
+from aligners.particles import ParticleOptions, refine_observation
 from simtomo.alignment import AlignmentResult
 from simtomo.errors import AlignmentError, ConfigError
 from simtomo.geometry import Geometry, rotation_2d
+from simtomo.io.geometry_json import geometry_to_dict
 from simtomo.observation import Observation
 
 __all__ = ["PatchAligner", "PatchParams", "PatchTracks", "patch_grid", "track_patches", "split_tracks"]
@@ -107,6 +124,10 @@ class PatchParams:
         1.36/3.70/2.33/2.90/1.78 with 16.
     overlap : float
         Fraction of a patch shared with its grid neighbour (0 <= overlap < 1).
+        On ``standard-nobeads`` seeds 0-4 the patch tracks reach
+        1.12/2.85/2.25/2.11/1.77 px with 0.625 and 1.12/2.80/2.19/2.12/2.13 px
+        with 0.75, which tracks twice as many patches (36 s against 22 s); the
+        particle tracks after them do the rest.
     binning : int or None
         Binning of the tracking images; None brings the larger side near 256 px.
     coarse_binning : int or None
@@ -150,10 +171,24 @@ class PatchParams:
         Find the tilt-axis angle from the images before tracking (else use the nominal value).
     passes : int
         Tracking + bundle adjustment passes; each after the first re-tracks with the refined model.
+    particle_rounds : int
+        Rounds of the particle refinement (:mod:`aligners.particles`) after
+        the patch tracks: dense particles are found in a reconstruction made
+        with the patch-track geometry and tracked like gold beads. Point-like
+        particles do not drift the way patches do (see the module notes).
+        0 returns the patch-track geometry. When too few particles stand out
+        of the noise, the refinement is skipped with a warning.
+    particle_count : int
+        Particles tracked per round (:attr:`aligners.particles.ParticleOptions.count`).
+    particle_size_nm : float
+        Scale of the particles' blob filter in nm (2.4 nm: proteins of 2-6 nm radius).
+    particle_binning : int or None
+        Binning of the particle refinement; None: the largest power of two
+        that leaves ``particle_size_nm`` at least 1.5 binned px (2 at 8 Å per px).
     """
 
     patch_size: int = 24
-    overlap: float = 0.75
+    overlap: float = 0.625
     binning: int | None = None
     coarse_binning: int | None = None
     max_shift: int = 4
@@ -173,6 +208,10 @@ class PatchParams:
     robust: bool = True
     search_tilt_axis: bool = True
     passes: int = 2
+    particle_rounds: int = 2
+    particle_count: int = 1500
+    particle_size_nm: float = 2.4
+    particle_binning: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("rotation", "magnification", "tilt"):
@@ -188,7 +227,12 @@ class PatchParams:
         _check_int("patch.block_size", self.block_size, 1)
         if self.segment_views != 0:
             _check_int("patch.segment_views", self.segment_views, 4)
-        for key in ("binning", "coarse_binning"):
+        _check_int("patch.particle_rounds", self.particle_rounds, 0)
+        _check_int("patch.particle_count", self.particle_count, 3)
+        if not (isinstance(self.particle_size_nm, (int, float)) and np.isfinite(self.particle_size_nm)
+                and self.particle_size_nm > 0):
+            raise ConfigError(f"patch.particle_size_nm: expected a positive size in nm, got {self.particle_size_nm!r}")
+        for key in ("binning", "coarse_binning", "particle_binning"):
             if getattr(self, key) is not None:
                 _check_int(f"patch.{key}", getattr(self, key), 1)
         if not (isinstance(self.overlap, (int, float)) and 0 <= self.overlap < 1):
@@ -685,22 +729,44 @@ class PatchAligner:
                 "(thick specimen?); the geometry may be off by more than the shift-only coarse alignment",
                 solution.report.rms_px,
             )
-        seconds = time.perf_counter() - start
         log.info("patch: residual %.3f px RMS over %d points, %d rejected, in %.1f s",
-                 solution.report.rms_px, solution.report.n_points, len(solution.report.rejected), seconds)
-        return AlignmentResult(
-            geometry=solution.geometry,
-            residuals=solution.report,
-            markers_px=solution.points_xyz,
-            info={
-                "aligner": self.name,
-                "tilt_axis_start_deg": None if axis is None else float(axis),
-                "binning": int(b),
-                "coarse_binning": int(cb),
-                "patches": int(len(centres)),
-                "passes": history,
-                "robust_sigma_px": float(solution.sigma_px),
-                "converged": bool(solution.converged),
-                "seconds": seconds,
-            },
-        )
+                 solution.report.rms_px, solution.report.n_points, len(solution.report.rejected),
+                 time.perf_counter() - start)
+        info = {
+            "aligner": self.name,
+            "tilt_axis_start_deg": None if axis is None else float(axis),
+            "binning": int(b),
+            "coarse_binning": int(cb),
+            "patches": int(len(centres)),
+            "passes": history,
+            "robust_sigma_px": float(solution.sigma_px),
+            "converged": bool(solution.converged),
+        }
+        if p.particle_rounds:
+            solution = self._particles(observation, solution, info)
+        info["seconds"] = time.perf_counter() - start
+        return AlignmentResult(geometry=solution.geometry, residuals=solution.report, markers_px=solution.points_xyz,
+                               info=info)
+
+    def _particles(self, observation: Observation, solution: BundleSolution, info: dict) -> BundleSolution:
+        """Refine the patch-track solution by particle tracks; it stands as it is when no particles are found."""
+        p = self.params
+        try:
+            binning, thickness, passes = refine_observation(
+                observation, solution.geometry, size_nm=p.particle_size_nm, binning=p.particle_binning,
+                options=ParticleOptions(count=p.particle_count, rounds=p.particle_rounds),
+            )
+        except AlignmentError as exc:
+            log.warning("patch: particle refinement skipped (%s); the patch-track geometry stands", exc)
+            return solution
+        info["patch_track_geometry"] = geometry_to_dict(solution.geometry)
+        info["particles"] = {
+            "binning": binning,
+            "thickness_px": thickness,
+            "passes": [{"round": r.round, "pass": r.iteration, "particles": r.particles, "points": r.points,
+                        "rejected": r.rejected, "residual_rms_px": r.residual_rms_px, "seconds": r.seconds}
+                       for r in passes],
+        }
+        info["robust_sigma_px"] = float(passes[-1].solution.sigma_px)
+        info["converged"] = bool(passes[-1].solution.converged)
+        return passes[-1].solution
