@@ -31,15 +31,18 @@ One round:
    geometry and particle positions.
 
 Each round re-detects the particles in a reconstruction made with the
-improved geometry. Most measured points are good to 1.5-2 px (the peak of a
+improved geometry; after ``rounds`` rounds, more follow (up to ``max_rounds``)
+while a round's last pass still moves a view by ``tolerance_px`` or more. Most measured points are good to 1.5-2 px (the peak of a
 particle among the overlapping projections of its neighbours), but a view
 holds hundreds of them, so its parameters are found to a small fraction of a
 pixel.
 
 On ``standard-nobeads`` (seeds 0-4, 2000 proteins of 2-6 nm radius per field
 of view), two rounds took projection matching's result (1.0-1.7 px RMS
-alignment error) to 0.19-0.25 px and the patch tracks' (1.1-2.9 px) to
-0.18-0.26 px, in about 25 s.
+alignment error) to 0.19-0.24 px and the patch tracks' (1.1-2.9 px) to
+0.18-0.25 px, in about 25 s. On ``standard`` (seed 0, with gold beads) the
+matching left the -60 degree views 10 px off; the view offsets brought them
+into the search box and two rounds reached 0.24 px.
 
 Limits: the particles must stand out of the noise and of each other in
 projection. On a 256 px field (41 views, 100 nm, 125 or 600 proteins) only
@@ -65,13 +68,15 @@ from scipy.spatial import cKDTree
 from aligners import imageops
 from aligners.bundle import BundleOptions, BundleSolution, VariableModel, solve
 from aligners.coarse import binned_line_integrals
+from simtomo.alignment_error import alignment_error
 from simtomo.errors import AlignmentError, ConfigError
 from simtomo.geometry import Geometry
 from simtomo.observation import Observation
 from simtomo.reconstruct import reconstruct
 
 __all__ = ["ParticleOptions", "ParticlePass", "blob_filter", "detect_particles", "estimate_thickness",
-           "measure_particles", "measure_thickness", "particle_binning", "refine_by_particles", "refine_observation"]
+           "measure_particles", "measure_thickness", "particle_binning", "refine_by_particles", "refine_observation",
+           "view_offsets"]
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +97,26 @@ class ParticleOptions:
         at 8 Å per px (1.2 gave 0.37 px on seed 0 against 0.27).
     search_px : int
         A particle's peak is looked for within this many px (each axis) of
-        its projection under the current geometry; a peak on the border of the
-        search box is no measurement.
+        its projection under the current geometry (moved by the view's
+        offset, below); a peak on the border of the search box is no
+        measurement.
+    capture_px : float
+        Before the particles are measured, each view's offset is found by
+        correlating the view with its predicted particle pattern, within this
+        many px (:func:`view_offsets`), so views far off are searched in the
+        right place.
     rounds : int
-        Detect-and-track rounds, each from a new reconstruction.
+        Detect-and-track rounds at least, each from a new reconstruction.
+    max_rounds : int
+        Rounds at most: after ``rounds``, another round follows while the
+        last pass of the round still moved a view by ``tolerance_px`` or
+        more. (On ``standard``, seed 0, projection matching left the -60
+        degree views 10 px off, beyond the search box; each pass brings
+        them closer.)
+    tolerance_px : float
+        Largest per-view update (gauge-free change of the geometry, unbinned
+        px) below which no further round is started. On ``standard-nobeads``
+        the last pass of the second round moves a view by 0.07-0.09 px.
     passes : int
         Measure-and-solve passes per round.
     min_views : int
@@ -121,7 +142,10 @@ class ParticleOptions:
     count: int = 1500
     sigma_px: float = 1.5
     search_px: int = 3
+    capture_px: float = 16.0
     rounds: int = 2
+    max_rounds: int = 6
+    tolerance_px: float = 0.15
     passes: int = 3
     min_views: int = 10
     min_significance: float = 2.5
@@ -130,12 +154,14 @@ class ParticleOptions:
     z_margin: float = 1.3
 
     def __post_init__(self) -> None:
-        for name, lo in (("count", 3), ("search_px", 2), ("rounds", 1), ("passes", 1), ("min_views", 3),
+        for name, lo in (("count", 3), ("search_px", 2), ("rounds", 1), ("max_rounds", 1), ("passes", 1), ("min_views", 3),
                          ("min_particles", 3)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ConfigError(f"particles.{name}: expected an integer >= {lo}, got {v!r}")
-        for name in ("sigma_px", "min_significance"):
+        if self.max_rounds < self.rounds:
+            raise ConfigError(f"particles.max_rounds: expected at least rounds ({self.rounds}), got {self.max_rounds!r}")
+        for name in ("sigma_px", "min_significance", "tolerance_px", "capture_px"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"particles.{name}: expected a positive number, got {v!r}")
@@ -148,7 +174,13 @@ class ParticleOptions:
 
 @dataclass(frozen=True)
 class ParticlePass:
-    """What one measure-and-solve pass did."""
+    """What one measure-and-solve pass did.
+
+    ``max_update_px`` and ``rms_update_px`` are the largest and RMS per-view
+    gauge-free change of the geometry it made
+    (:func:`simtomo.alignment_error.alignment_error` of the new geometry
+    against the old, over the specimen's thickness), unbinned px.
+    """
 
     round: int
     iteration: int
@@ -156,6 +188,8 @@ class ParticlePass:
     points: int
     rejected: int
     residual_rms_px: float
+    max_update_px: float
+    rms_update_px: float
     seconds: float
     geometry: Geometry
     solution: BundleSolution
@@ -307,6 +341,65 @@ def measure_particles(filtered: np.ndarray, predicted: np.ndarray, search_px: in
     return out, heights
 
 
+def view_offsets(filtered: np.ndarray, predicted: np.ndarray, sigma_px: float, max_offset_px: float,
+                 *, min_significance: float = 8.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-view shift of the whole particle pattern: where each filtered view best fits the predicted positions.
+
+    The predicted positions are drawn as points, smoothed by a Gaussian of
+    ``sigma_px`` and cross-correlated with the filtered view; the highest
+    value within ``max_offset_px`` (each axis) is the view's offset. A view
+    far off (more than the per-particle search box) is then searched in the
+    right place at once, instead of being pulled in by the bundle adjustment a
+    fraction of a pixel per pass.
+
+    Parameters
+    ----------
+    filtered : (n, h, w) array
+        The views after :func:`blob_filter`.
+    predicted : (n, m, 2) array
+        Predicted particle positions, centred image coordinates ``(x, y)``.
+    sigma_px : float
+        Smoothing of the drawn points.
+    max_offset_px : float
+        Largest offset searched, px.
+    min_significance : float
+        The peak must stand this many robust sd of the searched map above its
+        median; otherwise the view's offset is 0.
+
+    Returns
+    -------
+    offsets : (n, 2) array
+        ``(dx, dy)`` to add to the view's predicted positions, whole px.
+    significance : (n,) array
+        Height of each view's peak in robust sd of its searched map.
+    """
+    n, h, w = filtered.shape
+    r = int(max_offset_px)
+    k2 = fft.rfftfreq(w)[None, :] ** 2 + fft.fftfreq(h)[:, None] ** 2
+    smooth = np.exp(-2.0 * np.pi**2 * sigma_px**2 * k2)
+    offsets = np.zeros((n, 2))
+    significance = np.zeros(n)
+    lags = np.r_[0 : r + 1, -r:0]
+    for i in range(n):
+        col = np.round(predicted[i, :, 0] + (w - 1) / 2.0)
+        row = np.round(predicted[i, :, 1] + (h - 1) / 2.0)
+        ok = np.isfinite(col) & np.isfinite(row) & (col >= 0) & (row >= 0) & (col < w) & (row < h)
+        if ok.sum() < 3:
+            continue
+        points = np.zeros((h, w), dtype=np.float32)
+        np.add.at(points, (row[ok].astype(np.int64), col[ok].astype(np.int64)), 1.0)
+        # corr[dy, dx] sums the filtered view at every predicted position moved by (dx, dy)
+        corr = fft.irfft2(fft.rfft2(filtered[i]) * np.conj(fft.rfft2(points)) * smooth, s=(h, w))
+        window = corr[np.ix_(lags % h, lags % w)]
+        centre = np.median(window)
+        spread = 1.4826 * np.median(np.abs(window - centre)) + 1e-30
+        iy, ix = np.unravel_index(np.argmax(window), window.shape)
+        significance[i] = (window[iy, ix] - centre) / spread
+        if significance[i] >= min_significance:
+            offsets[i] = lags[ix], lags[iy]
+    return offsets, significance
+
+
 def refine_by_particles(
     images: np.ndarray,
     binning: int,
@@ -377,7 +470,9 @@ def refine_by_particles(
     anchor = geometry.tilt_deg if nominal_tilt_deg is None else np.asarray(nominal_tilt_deg, dtype=float)
     reference = int(np.argmin(np.abs(geometry.tilt_deg)))
     passes: list[ParticlePass] = []
-    for rnd in range(opt.rounds):
+    for rnd in range(opt.max_rounds):
+        if rnd >= opt.rounds and passes[-1].max_update_px < opt.tolerance_px:
+            break
         t0 = time.perf_counter()
         g_b = geometry.replace(shift_px=geometry.shift_px / b, image_shape=(hb, wb))
         volume = reconstruct(images, g_b, (nz, hb, wb), method="wbp", weighting="ramp", workers=workers)
@@ -386,7 +481,9 @@ def refine_by_particles(
         del volume
         log.info("particles round %d: %d candidates detected (%.1f s)", rnd + 1, len(points), time.perf_counter() - t0)
         for it in range(opt.passes):
-            xy, heights = measure_particles(filtered_views, geometry.project(points) / b, opt.search_px)
+            predicted = geometry.project(points) / b
+            offsets, _ = view_offsets(filtered_views, predicted, opt.sigma_px, opt.capture_px)
+            xy, heights = measure_particles(filtered_views, predicted + offsets[:, None, :], opt.search_px)
             xy *= b
             tracked = np.isfinite(xy[..., 0]).sum(axis=0) >= opt.min_views
             significance = np.nanmedian(heights[:, tracked] / noise_sd[:, None], axis=0)
@@ -403,6 +500,8 @@ def refine_by_particles(
             solution = solve(xy[:, tracked], geometry, options=bundle_options, reference_view=reference,
                              acquisition_order=acquisition_order, initial_points=points[tracked],
                              tilt_anchor_deg=anchor)
+            # the bundle adjustment fixes its own gauge: measure the change without it
+            change = alignment_error(solution.geometry, geometry, thickness_px=thickness_px).per_view_px
             geometry = solution.geometry
             points = solution.points_xyz[np.all(np.isfinite(solution.points_xyz), axis=1)]
             record = ParticlePass(
@@ -412,14 +511,16 @@ def refine_by_particles(
                 points=int(solution.report.n_points),
                 rejected=int(solution.rejected.sum()),
                 residual_rms_px=float(solution.report.rms_px),
+                max_update_px=float(change.max()),
+                rms_update_px=float(np.sqrt(np.mean(change**2))),
                 seconds=time.perf_counter() - t0,
                 geometry=geometry,
                 solution=solution,
             )
             passes.append(record)
-            log.info("particles round %d pass %d: %d particles, %d points (%d rejected), residual %.3f px RMS (%.1f s)",
-                     record.round, record.iteration, record.particles, record.points, record.rejected,
-                     record.residual_rms_px, record.seconds)
+            log.info("particles round %d pass %d: %d particles, %d points (%d rejected), residual %.3f px RMS, "
+                     "largest update %.3f px (%.1f s)", record.round, record.iteration, record.particles, record.points,
+                     record.rejected, record.residual_rms_px, record.max_update_px, record.seconds)
             t0 = time.perf_counter()
     return passes
 

@@ -40,8 +40,8 @@ images; a binned centred coordinate is the unbinned one divided by the binning.
 
 Accuracy (``standard-nobeads``, a 200 nm = 250 px thick specimen, seeds 0-4,
 defaults): the patch tracks reach 1.12/2.85/2.25/2.11/1.77 px RMS alignment
-error and the particle tracks after them 0.20/0.26/0.18/0.22/0.20 px, in
-44-52 s wall and 50-53 s CPU (two seeds at once on 2 cores), 1.4-1.55 GB peak.
+error and the particle tracks after them 0.20/0.25/0.18/0.22/0.21 px, in
+42-57 s wall and 51-55 s CPU (two seeds at once on 2 cores), 1.4-1.55 GB peak.
 The particle tracks need particles that stand apart in projection (see
 :mod:`aligners.particles`).
 
@@ -173,8 +173,10 @@ class PatchParams:
         Tracking + bundle adjustment passes; each after the first re-tracks with the refined model.
     particle_rounds : int
         Rounds of the particle refinement (:mod:`aligners.particles`) after
-        the patch tracks: dense particles are found in a reconstruction made
-        with the patch-track geometry and tracked like gold beads. Point-like
+        the patch tracks, at least (more while a round's last pass still moves
+        a view by :attr:`~aligners.particles.ParticleOptions.tolerance_px`):
+        dense particles are found in a reconstruction made with the
+        patch-track geometry and tracked like gold beads. Point-like
         particles do not drift the way patches do (see the module notes).
         0 returns the patch-track geometry. When too few particles stand out
         of the noise, the refinement is skipped with a warning.
@@ -764,7 +766,8 @@ class PatchAligner:
             "binning": binning,
             "thickness_px": thickness,
             "passes": [{"round": r.round, "pass": r.iteration, "particles": r.particles, "points": r.points,
-                        "rejected": r.rejected, "residual_rms_px": r.residual_rms_px, "seconds": r.seconds}
+                        "rejected": r.rejected, "residual_rms_px": r.residual_rms_px,
+                        "max_update_px": r.max_update_px, "seconds": r.seconds}
                        for r in passes],
         }
         info["robust_sigma_px"] = float(passes[-1].solution.sigma_px)

@@ -79,8 +79,10 @@ projection in every view by a blob filter, with no template from the
 reconstruction, so the measurement does not lean toward the current
 geometry; the tracks go to the shared bundle adjustment (per-view shift,
 rotation, magnification, and per-view tilts held near the nominal ones by
-``tilt_anchor_weight``). Two rounds of three passes, the particles detected
-again for the second. The passes are recorded in ``info["iterations"]`` with
+``tilt_anchor_weight``). At least two rounds of three passes, the particles
+detected again for each; more while a round's last pass still moves a view
+by 0.15 px or more (on ``standard``, where the matching left the -60 degree
+views 10 px off, beyond the particles' search box). The passes are recorded in ``info["iterations"]`` with
 ``stage = "particles"``; their update is the gauge-free change of the
 geometry (:func:`simtomo.alignment_error.alignment_error` between successive
 passes). When too few particles stand out of the noise the refinement is
@@ -95,13 +97,13 @@ other layers' reprojection subtracted from each view and anchored per-view
 tilts, and the mean of each kind of passes goes on. The templates come from
 the working reconstruction, so the measurement leans toward the current
 geometry in exactly the patterns that matter: on ``standard-nobeads`` seeds
-0-4 they reached 0.72/0.78/0.74/0.70/1.08 px (against 0.23/0.25/0.19/0.24/0.21
+0-4 they reached 0.72/0.78/0.74/0.70/1.08 px (against 0.23/0.24/0.19/0.24/0.21
 with the particles) in about 45 s.
 
 Known limits (measured on ``standard-nobeads``, seeds 0-4, default
 parameters): from the coarse start (2.2-3.1 px RMS alignment error) the
 matching stage reaches 1.02/1.56/1.43/1.57/1.69 px and the particle rounds
-0.233/0.249/0.189/0.237/0.205 px, in 38-53 s wall and 46-53 s CPU (two
+0.227/0.242/0.189/0.237/0.206 px, in 38-56 s wall and 46-53 s CPU (two
 seeds at once on 2 cores), 1.5-1.6 GB peak. The particle rounds need particles
 that stand out of the noise in projection: on a 256 px field (41 views,
 100 nm, 125 or 600 proteins) only 25 of 160-210 candidates did, and the
@@ -243,7 +245,7 @@ class ProjmatchParams:
         when the specimen holds dense particles (from the matching result on
         ``standard-nobeads`` seeds 0-4, 12 plain and 6 fine landmark passes
         reached 0.72/0.78/0.74/0.70/1.08 px in about 45 s, two particle
-        rounds 0.23/0.25/0.19/0.24/0.21 px in about 25 s). A pass that finds
+        rounds 0.23/0.24/0.19/0.24/0.21 px in about 25 s). A pass that finds
         too few landmarks (far from the answer, or no structure) ends the
         landmark passes with a warning.
         The passes scatter rather than converge, so their mean goes on
@@ -270,10 +272,12 @@ class ProjmatchParams:
         Thickness of the landmark layers, unbinned px.
     particle_rounds : int
         Rounds of the particle refinement (:mod:`aligners.particles`) after
-        the matching stages (and landmark passes): dense particles are
-        detected in a reconstruction and tracked like gold beads, with no
+        the matching stages (and landmark passes), at least: dense particles
+        are detected in a reconstruction and tracked like gold beads, with no
         template from the reconstruction, so no pull toward the current
-        geometry. 0 skips it. When the views hold too few particles that can
+        geometry. More rounds follow while a round's last pass still moves a
+        view by :attr:`~aligners.particles.ParticleOptions.tolerance_px` or
+        more (up to ``max_rounds`` there). 0 skips it. When the views hold too few particles that can
         be tracked, the refinement is skipped with a warning and the result
         so far stands.
     particle_count : int
@@ -736,16 +740,14 @@ class ProjmatchAligner:
             log.warning("projmatch: particle refinement skipped (%s); the result so far stands", exc)
             return geometry, None
         for rec in passes:
-            # the bundle adjustment fixes its own gauge: measure the change without it
-            change = alignment_error(rec.geometry, geometry, thickness_px=thickness).per_view_px
             geometry = rec.geometry
             history.append({
                 "stage": "particles",
                 "binning": b,
                 "round": rec.round,
                 "iteration": rec.iteration,
-                "max_update_px": float(change.max()),
-                "rms_update_px": float(np.sqrt(np.mean(change**2))),
+                "max_update_px": rec.max_update_px,
+                "rms_update_px": rec.rms_update_px,
                 "particles": rec.particles,
                 "residual_rms_px": rec.residual_rms_px,
                 "seconds": rec.seconds,
