@@ -21,9 +21,11 @@ One round:
 2. A difference-of-Gaussians blob filter (``sigma_px`` and three times that)
    is run over the volume; its local maxima inside the specimen slab and the
    field all views see are the candidates, and the ``count`` strongest are kept.
-3. ``passes`` times: each particle is projected under the current geometry,
-   the same blob filter's peak is looked for in the filtered view within
-   ``search_px`` of it (sub-pixel by a parabola through the peak and its
+3. ``passes`` times: each particle is projected under the current geometry;
+   each view's offset from that prediction is found by correlating the
+   filtered view with its predicted particle pattern (:func:`view_offsets`,
+   within ``capture_px``); the same blob filter's peak is looked for in the
+   filtered view within ``search_px`` of each moved prediction (sub-pixel by a parabola through the peak and its
    neighbours), and the measured points go to the shared bundle adjustment
    (:func:`aligners.bundle.solve`: per-view shift, rotation and magnification,
    per-view tilts held near the nominal ones by ``tilt_anchor_weight``, robust
@@ -32,10 +34,10 @@ One round:
 
 Each round re-detects the particles in a reconstruction made with the
 improved geometry; after ``rounds`` rounds, more follow (up to ``max_rounds``)
-while a round's last pass still moves a view by ``tolerance_px`` or more. Most measured points are good to 1.5-2 px (the peak of a
-particle among the overlapping projections of its neighbours), but a view
-holds hundreds of them, so its parameters are found to a small fraction of a
-pixel.
+while a round's last pass still moves a view by ``tolerance_px`` or more.
+Most measured points are good to 1.5-2 px (the peak of a particle among the
+overlapping projections of its neighbours), but a view holds hundreds of
+them, so its parameters are found to a small fraction of a pixel.
 
 On ``standard-nobeads`` (seeds 0-4, 2000 proteins of 2-6 nm radius per field
 of view), two rounds took projection matching's result (1.0-1.7 px RMS
@@ -85,16 +87,20 @@ log = logging.getLogger(__name__)
 class ParticleOptions:
     """Settings of the particle refinement (binned px unless stated).
 
+    The measured alternatives below are from ``standard-nobeads`` seed 0,
+    started at 0.72 px (projection matching with layered landmarks), before
+    the view offsets were added.
+
     Parameters
     ----------
     count : int
-        Particles kept per round, strongest first. On ``standard-nobeads``
-        800 gave 0.27 px, 1500 0.22 px and 3000 0.43 px on seed 0 (the weaker
-        ones are more often lost among their neighbours).
+        Particles kept per round, strongest first: 800 gave 0.27 px, 1500
+        0.22 px and 3000 0.43 px (the weaker ones are more often lost among
+        their neighbours).
     sigma_px : float
         Scale of the blob filter: the difference of Gaussians of ``sigma_px``
         and ``3 sigma_px``. 1.5 at binning 2 suits proteins of 2-6 nm radius
-        at 8 Å per px (1.2 gave 0.37 px on seed 0 against 0.27).
+        at 8 Å per px (1.2 gave 0.37 px against 0.27 with 800 particles).
     search_px : int
         A particle's peak is looked for within this many px (each axis) of
         its projection under the current geometry (moved by the view's
@@ -132,8 +138,8 @@ class ParticleOptions:
     tilt_anchor_weight : float
         :attr:`aligners.bundle.BundleOptions.tilt_anchor_weight`: how strongly
         each view's tilt, beyond a common offset, is held at the nominal tilt.
-        With one tilt offset for all views instead (no per-view tilts), seed 0
-        ended at 0.42 px against 0.27 px.
+        With one tilt offset for all views instead (no per-view tilts), 0.42 px
+        against 0.27 px (800 particles).
     z_margin : float
         Depth of the reconstruction as a multiple of the specimen thickness;
         particles are kept within 1.1 times the thickness.
@@ -154,20 +160,22 @@ class ParticleOptions:
     z_margin: float = 1.3
 
     def __post_init__(self) -> None:
-        for name, lo in (("count", 3), ("search_px", 2), ("rounds", 1), ("max_rounds", 1), ("passes", 1), ("min_views", 3),
-                         ("min_particles", 3)):
+        for name, lo in (("count", 3), ("search_px", 2), ("rounds", 1), ("max_rounds", 1), ("passes", 1),
+                         ("min_views", 3), ("min_particles", 3)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ConfigError(f"particles.{name}: expected an integer >= {lo}, got {v!r}")
         if self.max_rounds < self.rounds:
-            raise ConfigError(f"particles.max_rounds: expected at least rounds ({self.rounds}), got {self.max_rounds!r}")
+            raise ConfigError(f"particles.max_rounds: expected at least rounds ({self.rounds}), "
+                              f"got {self.max_rounds!r}")
         for name in ("sigma_px", "min_significance", "tolerance_px", "capture_px"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"particles.{name}: expected a positive number, got {v!r}")
         if not (isinstance(self.tilt_anchor_weight, (int, float)) and math.isfinite(self.tilt_anchor_weight)
                 and self.tilt_anchor_weight >= 0):
-            raise ConfigError(f"particles.tilt_anchor_weight: expected a finite number >= 0, got {self.tilt_anchor_weight!r}")
+            raise ConfigError(f"particles.tilt_anchor_weight: expected a finite number >= 0, "
+                              f"got {self.tilt_anchor_weight!r}")
         if not (isinstance(self.z_margin, (int, float)) and self.z_margin >= 1.1):
             raise ConfigError(f"particles.z_margin: expected a number >= 1.1, got {self.z_margin!r}")
 
@@ -240,7 +248,8 @@ def detect_particles(volume: np.ndarray, *, sigma_px: float, count: int, half_de
     strength = filtered[z, y, x]
     nz, ny, nx = volume.shape
     pts = np.column_stack([x - (nx - 1) / 2.0, y - (ny - 1) / 2.0, z - (nz - 1) / 2.0])
-    inside = (np.abs(pts[:, 2]) <= half_depth) & (np.abs(pts[:, 0]) <= half_width[0]) & (np.abs(pts[:, 1]) <= half_width[1])
+    inside = ((np.abs(pts[:, 2]) <= half_depth) & (np.abs(pts[:, 0]) <= half_width[0])
+              & (np.abs(pts[:, 1]) <= half_width[1]))
     pts = pts[inside][np.argsort(-strength[inside], kind="stable")]
     # A blob centred between voxels is a plateau of equal maxima: keep the first of each.
     reach = int(2 * sigma_px)
@@ -326,7 +335,8 @@ def measure_particles(filtered: np.ndarray, predicted: np.ndarray, search_px: in
         if k.size == 0:
             continue
         img = filtered[i]
-        boxes = img[row[i, k][:, None, None] + offsets[None, :, None], col[i, k][:, None, None] + offsets[None, None, :]]
+        boxes = img[row[i, k][:, None, None] + offsets[None, :, None],
+                    col[i, k][:, None, None] + offsets[None, None, :]]
         best = np.argmax(boxes.reshape(len(k), -1), axis=1)
         br, bc = best // side, best % side
         interior = (br > 0) & (br < side - 1) & (bc > 0) & (bc < side - 1)
@@ -549,7 +559,7 @@ def measure_thickness(images: np.ndarray, binning: int, geometry: Geometry, *, w
 
 
 def particle_binning(size_px: float, min_sigma_px: float = 1.5) -> int:
-    """The largest power of two that leaves a blob scale of ``size_px`` at least ``min_sigma_px`` binned px (at least 1)."""
+    """The largest power of two that leaves a blob scale of ``size_px`` at least ``min_sigma_px`` binned px (>= 1)."""
     b = 1
     while size_px / (2 * b) >= min_sigma_px:
         b *= 2
