@@ -725,12 +725,6 @@ class PatchAligner:
                 points = np.full((len(centres), 3), np.nan)
                 points[long_enough] = solution.points_xyz
         assert solution is not None
-        if solution.report.rms_px > 2.0:
-            log.warning(
-                "patch: residual %.2f px RMS: the patch tracks are not consistent with fixed 3-D points "
-                "(thick specimen?); the geometry may be off by more than the shift-only coarse alignment",
-                solution.report.rms_px,
-            )
         log.info("patch: residual %.3f px RMS over %d points, %d rejected, in %.1f s",
                  solution.report.rms_px, solution.report.n_points, len(solution.report.rejected),
                  time.perf_counter() - start)
@@ -744,8 +738,15 @@ class PatchAligner:
             "robust_sigma_px": float(solution.sigma_px),
             "converged": bool(solution.converged),
         }
+        tracked = solution
         if p.particle_rounds:
             solution = self._particles(observation, solution, info)
+        if solution is tracked and tracked.report.rms_px > 2.0:
+            log.warning(
+                "patch: residual %.2f px RMS: the patch tracks are not consistent with fixed 3-D points "
+                "(thick specimen?); the geometry may be off by more than the shift-only coarse alignment",
+                tracked.report.rms_px,
+            )
         info["seconds"] = time.perf_counter() - start
         return AlignmentResult(geometry=solution.geometry, residuals=solution.report, markers_px=solution.points_xyz,
                                info=info)
