@@ -535,8 +535,9 @@ def refine_by_particles(
     return passes
 
 
-def measure_thickness(images: np.ndarray, binning: int, geometry: Geometry, *, workers: int | None = None) -> float:
-    """Specimen thickness (unbinned px) from a reconstruction 0.6 times the field deep (:func:`estimate_thickness`).
+def measure_thickness(images: np.ndarray, binning: int, geometry: Geometry, *,
+                      shape: tuple[int, int, int] | None = None, workers: int | None = None) -> float:
+    """Specimen thickness (unbinned px) from a reconstruction much deeper than the specimen (:func:`estimate_thickness`).
 
     Parameters
     ----------
@@ -545,16 +546,19 @@ def measure_thickness(images: np.ndarray, binning: int, geometry: Geometry, *, w
     binning : int
     geometry : Geometry
         An alignment good to a few px (unbinned).
+    shape : (nz, ny, nx), optional
+        The probe volume in binned voxels; default 0.6 times the field deep, over the field.
     workers : int, optional
         Threads of the reconstruction.
     """
     n, hb, wb = images.shape
     b = float(binning)
-    nz = 2 * int(math.ceil(0.3 * max(hb, wb)))
+    if shape is None:
+        shape = (2 * int(math.ceil(0.3 * max(hb, wb))), hb, wb)
     g_b = geometry.replace(shift_px=geometry.shift_px / b, image_shape=(hb, wb))
-    volume = reconstruct(images, g_b, (nz, hb, wb), method="wbp", weighting="sirt-like", workers=workers)
+    volume = reconstruct(images, g_b, shape, method="wbp", weighting="sirt-like", workers=workers)
     thickness = estimate_thickness(volume, b)
-    log.info("particles: specimen thickness estimated %.0f px (probe depth %d px)", thickness, nz * b)
+    log.info("specimen thickness estimated %.0f px (probe depth %d px)", thickness, shape[0] * b)
     return thickness
 
 

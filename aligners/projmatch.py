@@ -145,7 +145,7 @@ from aligners import imageops
 from aligners.axisprofile import along_axis_shifts, apply_along_axis_shifts
 from aligners.coarse import BinnedStack, binned_line_integrals, coarse_align, find_tilt_axis
 from aligners.landmarks import LandmarkOptions, refine_by_landmarks
-from aligners.particles import ParticleOptions, estimate_thickness, refine_observation
+from aligners.particles import ParticleOptions, estimate_thickness, measure_thickness, refine_observation
 from simtomo.alignment import AlignmentResult, ResidualReport
 from simtomo.alignment_error import alignment_error
 from simtomo.errors import AlignmentError, ConfigError
@@ -887,11 +887,7 @@ class ProjmatchAligner:
         hb, wb = stage.images.shape[1:]
         probe = 0.6 * max(hb, wb) * b
         shape = self._volume_shape(g, (hb, wb), b, probe / self.params.z_margin)
-        vol = reconstruct(stage.images, _binned(g, b, (hb, wb)), shape, method="wbp", weighting="sirt-like",
-                          workers=self.params.workers)
-        th = estimate_thickness(vol, b)
-        log.info("projmatch: specimen thickness estimated %.0f px (probe depth %d px)", th, shape[0] * b)
-        return th
+        return measure_thickness(stage.images, b, g, shape=shape, workers=self.params.workers)
 
     # ----------------------------------------------------------------- one iteration
 
